@@ -1,0 +1,253 @@
+"""What every conformance test uses: the backend under test and the checks.
+
+:class:`Harness` wraps one backend and the device the suite runs on. It converts
+NumPy inputs to the backend's arrays and back, checks dtype, device and shape of
+results, and compares values with the reference under the tolerance table of
+:mod:`sslspec_conformance.tolerances`. Each comparison records its error relative to
+the tolerance, which the plugin reports per test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from sslspec_conformance.rounding import perturbed
+from sslspec_conformance.tolerances import perturbation_step, tolerance
+
+__all__ = [
+    "Harness",
+    "ConformanceError",
+    "sensitivity",
+    "begin_recording",
+    "end_recording",
+    "record",
+    "spec_function",
+]
+
+#: Measurements of the test now running, or None outside a conformance test.
+_measurements: dict[str, Any] | None = None
+
+
+def begin_recording() -> None:
+    """Start collecting measurements for a new test."""
+    global _measurements
+    _measurements = {"worst_ratio": None, "checks": 0}
+
+
+def end_recording() -> dict[str, Any]:
+    """Stop collecting and return what the test measured."""
+    global _measurements
+    measured = _measurements or {"worst_ratio": None, "checks": 0}
+    _measurements = None
+    return measured
+
+
+def record(ratio: float) -> None:
+    """Record the error of one check relative to its tolerance."""
+    if _measurements is None:
+        return
+    _measurements["checks"] += 1
+    worst = _measurements["worst_ratio"]
+    if worst is None or not ratio <= worst:
+        _measurements["worst_ratio"] = ratio
+
+
+class ConformanceError(AssertionError):
+    """Raised when a backend's result differs from the reference or the spec."""
+
+
+def spec_function(name: str) -> Callable[..., Any]:
+    """Return the public function ``name`` of :mod:`sslspec`."""
+    import sslspec
+
+    try:
+        return getattr(sslspec, name)
+    except AttributeError:
+        raise ConformanceError(
+            f"sslspec has no public function {name!r}; the suite checks every "
+            "function of the spec"
+        ) from None
+
+
+def sensitivity(
+    function: Callable[..., Any],
+    arrays: Sequence[np.ndarray],
+    options: dict[str, Any],
+    dtype: str,
+    *,
+    samples: int = 2,
+    seed: int = 0,
+) -> np.ndarray:
+    """Estimate how far rounding in ``dtype`` can move ``function``'s result.
+
+    Evaluates the reference ``function`` with every input array and every stored
+    intermediate value (see :mod:`sslspec_conformance.rounding`) multiplied
+    elementwise by ``1 + h * delta``, ``delta`` uniform on ``[-1, 1]`` and ``h``
+    from :func:`~sslspec_conformance.tolerances.perturbation_step`, and returns the
+    largest change of each result entry divided by ``h``. A tuple of arrays gives
+    the largest change over all of them, as one number.
+    """
+    step = perturbation_step(dtype)
+    rng = np.random.default_rng(seed)
+    base = function(*arrays, **options)
+    largest: Any = 0.0
+    for _ in range(samples):
+        inputs = [a * (1.0 + step * rng.uniform(-1.0, 1.0, np.shape(a))) for a in arrays]
+        with perturbed(step, rng):
+            moved = function(*inputs, **options)
+        if isinstance(base, tuple):
+            change = max(
+                float(np.max(np.abs(np.asarray(m) - np.asarray(b)), initial=0.0))
+                for m, b in zip(moved, base, strict=True)
+            )
+        else:
+            change = np.abs(np.asarray(moved) - np.asarray(base))
+        largest = np.maximum(largest, change / step)
+    return np.asarray(largest, dtype=np.float64)
+
+
+class Harness:
+    """The backend under test, the device it runs on, and the checks.
+
+    Parameters
+    ----------
+    backend
+        A :class:`sslspec.backend.Backend`.
+    device : str
+        Device every input is placed on.
+    """
+
+    def __init__(self, backend: Any, device: str) -> None:
+        self.backend = backend
+        self.device = device
+        self.xp = backend.namespace()
+
+    def has(self, capability: str) -> bool:
+        """Return whether the backend declares ``capability``."""
+        return capability in self.backend.capabilities
+
+    def asarray(self, array: Any, dtype: str | None = None) -> Any:
+        """Convert a NumPy array to the backend, cast to ``dtype``, on the device."""
+        return self.backend.asarray(np.asarray(array), dtype=dtype, device=self.device)
+
+    def numpy(self, array: Any) -> np.ndarray:
+        """Return a backend array as a float64 (or integer) NumPy array."""
+        values = np.asarray(self.backend.to_numpy(array))
+        if np.issubdtype(values.dtype, np.floating):
+            return values.astype(np.float64)
+        return values
+
+    def round_trip(self, arrays: Sequence[np.ndarray], dtype: str):
+        """Convert ``arrays`` to ``dtype`` on the backend.
+
+        Returns the backend arrays and their exact values as float64 NumPy arrays,
+        which is what the reference receives.
+        """
+        converted = [self.asarray(a, dtype) for a in arrays]
+        return converted, [self.numpy(a) for a in converted]
+
+    def assert_like(
+        self, result: Any, like: Any, *, shape: tuple[int, ...], what: str
+    ) -> None:
+        """Check that ``result`` has the dtype and device of ``like`` and ``shape``."""
+        if not hasattr(result, "dtype") or not hasattr(result, "shape"):
+            raise ConformanceError(
+                f"{what}: expected an array of this backend, got an object of type "
+                f"{type(result).__name__}"
+            )
+        if result.dtype != like.dtype:
+            raise ConformanceError(
+                f"{what}: dtype {result.dtype} differs from the input dtype {like.dtype}"
+            )
+        device = self.backend.device_of(result)
+        if device != self.device:
+            raise ConformanceError(
+                f"{what}: result is on device {device!r}, but the inputs are on "
+                f"{self.device!r}"
+            )
+        if tuple(result.shape) != tuple(shape):
+            raise ConformanceError(
+                f"{what}: shape {tuple(result.shape)} differs from the expected {shape}"
+            )
+
+    def assert_close(
+        self,
+        actual: Any,
+        expected: Any,
+        *,
+        dtype: str,
+        sensitivity: Any = 0.0,
+        kind: str = "value",
+        what: str,
+    ) -> float:
+        """Compare ``actual`` with the reference ``expected`` under the tolerance
+        of ``dtype`` and return the error relative to the tolerance.
+
+        ``kind`` picks the column of the table: ``"value"`` compares entry by
+        entry with ``scale = max(|expected|, sensitivity)``; ``"gradient"`` and
+        ``"network"`` use one scale for the whole array, its largest entry.
+        """
+        actual = np.asarray(actual, dtype=np.float64)
+        expected = np.asarray(expected, dtype=np.float64)
+        if actual.shape != expected.shape:
+            raise ConformanceError(
+                f"{what}: shape {actual.shape} differs from the reference "
+                f"{expected.shape}"
+            )
+        row = tolerance(dtype)
+        if kind == "value":
+            rtol, atol = row.rtol, row.atol
+            scale = np.maximum(np.abs(expected), sensitivity)
+        elif kind in ("gradient", "network"):
+            if kind == "gradient":
+                rtol, atol = row.gradient_rtol, row.gradient_atol
+            else:
+                rtol, atol = row.network_rtol, row.network_atol
+            scale = max(
+                float(np.max(np.abs(expected), initial=0.0)),
+                float(np.max(sensitivity, initial=0.0)),
+            )
+        else:
+            raise ValueError(f"kind must be value, gradient or network, got {kind!r}")
+
+        allowed = atol + rtol * scale
+        with np.errstate(invalid="ignore"):
+            error = np.abs(actual - expected)
+        error = np.where(np.isnan(error) | np.isinf(actual), np.inf, error)
+        ratios = error / allowed
+        worst = float(np.max(ratios, initial=0.0))
+        record(worst)
+        if not worst <= 1.0:
+            index = np.unravel_index(int(np.argmax(ratios)), ratios.shape)
+            at = f" at index {tuple(int(i) for i in index)}" if ratios.ndim else ""
+            raise ConformanceError(
+                f"{what}: {actual[index]!r} differs from the reference "
+                f"{expected[index]!r}{at} by {float(error[index]):.3g}, "
+                f"{worst:.3g} times the {dtype} tolerance "
+                f"(atol {atol:g} + rtol {rtol:g} * scale "
+                f"{float(np.broadcast_to(scale, ratios.shape)[index]):.3g})"
+            )
+        return worst
+
+    def assert_equal(self, actual: Any, expected: Any, *, what: str) -> None:
+        """Check that ``actual`` equals ``expected`` exactly, entry by entry."""
+        actual = np.asarray(actual)
+        expected = np.asarray(expected)
+        if actual.shape != expected.shape:
+            raise ConformanceError(
+                f"{what}: shape {actual.shape} differs from the reference "
+                f"{expected.shape}"
+            )
+        mismatched = actual != expected
+        record(0.0 if not mismatched.any() else float("inf"))
+        if mismatched.any():
+            where = np.argwhere(mismatched)
+            first = tuple(int(i) for i in where[0])
+            raise ConformanceError(
+                f"{what}: {int(mismatched.sum())} of {actual.size} entries differ from "
+                f"the reference; first at index {first}: {actual[first]!r} instead "
+                f"of {expected[first]!r}"
+            )

@@ -1,0 +1,109 @@
+"""BYOL's target update and momentum schedule against the reference."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+from sslspec_conformance import reference
+from sslspec_conformance.harness import ConformanceError, sensitivity, spec_function
+from sslspec_conformance.profiles import settings_for
+from sslspec_conformance.strategies import parameter_dicts, schedule_steps
+
+
+def _draw_parameters(conformance, data, dtype):
+    case = data.draw(parameter_dicts(dtype), label="case")
+    note(repr(case))
+    online = {k: conformance.asarray(v, dtype) for k, v in case.options["online"].items()}
+    target = {k: conformance.asarray(v, dtype) for k, v in case.options["target"].items()}
+    return online, target, case.options["momentum"]
+
+
+def _check_update(conformance, result, online, target, momentum, dtype, what):
+    if not isinstance(result, dict) or list(result) != list(target):
+        raise ConformanceError(
+            f"{what}: expected a dict with the names of target in order, got "
+            f"{type(result).__name__} with names {list(result)}"
+        )
+    exact_online = {k: conformance.numpy(v) for k, v in online.items()}
+    exact_target = {k: conformance.numpy(v) for k, v in target.items()}
+
+    def update(online_values, target_values):
+        return reference.ema_update(
+            dict(zip(online, online_values, strict=True)),
+            dict(zip(target, target_values, strict=True)),
+            momentum=momentum,
+        )
+
+    expected = update(list(exact_online.values()), list(exact_target.values()))
+    for key, value in result.items():
+        conformance.assert_like(value, target[key], shape=target[key].shape, what=key)
+
+        def entry(online_value, target_value, key=key):
+            return reference.ema_update(
+                {key: online_value}, {key: target_value}, momentum=momentum
+            )[key]
+
+        moved = sensitivity(entry, [exact_online[key], exact_target[key]], {}, dtype)
+        conformance.assert_close(
+            conformance.numpy(value),
+            expected[key],
+            dtype=dtype,
+            sensitivity=moved,
+            what=f"{what}[{key!r}]",
+        )
+
+
+@pytest.mark.sslspec_function("ema_update")
+@settings_for("value")
+@given(data=st.data())
+def test_ema_update(conformance, dtype, data):
+    online, target, momentum = _draw_parameters(conformance, data, dtype)
+
+    result = spec_function("ema_update")(online, target, momentum=momentum)
+
+    _check_update(conformance, result, online, target, momentum, dtype, "ema_update")
+
+
+@pytest.mark.sslspec_function("ema_update")
+@settings_for("jit")
+@given(data=st.data())
+def test_ema_update_jit(conformance, dtype, data):
+    if not conformance.has("jit"):
+        pytest.skip("the backend does not declare the jit capability")
+    online, target, momentum = _draw_parameters(conformance, data, dtype)
+    ema_update = spec_function("ema_update")
+
+    compiled = conformance.backend.jit(
+        lambda o, t: ema_update(o, t, momentum=momentum)
+    )
+    result = compiled(online, target)
+
+    _check_update(
+        conformance, result, online, target, momentum, dtype, "compiled ema_update"
+    )
+
+
+@pytest.mark.sslspec_function("momentum_schedule", dtype="python")
+@settings_for("value")
+@given(case=schedule_steps())
+def test_momentum_schedule(conformance, case):
+    options = case.options
+
+    result = spec_function("momentum_schedule")(**options)
+
+    if not isinstance(result, float):
+        raise ConformanceError(
+            f"momentum_schedule: expected a Python float, got {type(result).__name__}"
+        )
+    expected = reference.momentum_schedule(**options)
+    conformance.assert_close(
+        result, expected, dtype="float64", sensitivity=1.0, what="momentum_schedule"
+    )
+    lowest = min(options["base_momentum"], options["final_momentum"])
+    highest = max(options["base_momentum"], options["final_momentum"])
+    if not lowest <= result <= highest:
+        raise ConformanceError(
+            f"momentum_schedule: {result!r} lies outside [{lowest!r}, {highest!r}]"
+        )
