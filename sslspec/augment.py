@@ -482,9 +482,9 @@ def augment_images(images: Any, random: RandomSource, config: AugmentConfig) -> 
        ratio in ``erase_ratio``) with probability ``erase_probability``, if it is
        positive.
 
-    Random draws: one ``(B, 4)``, one ``(B, 3)`` and, with flips, one ``(B,)``
-    uniform array; one normal array of the image shape with noise; one ``(B, 5)``
-    uniform array with erasing.
+    Random draws, in order: uniform arrays ``(B, 4)`` and ``(B, 3)``, a uniform
+    ``(B,)`` with flips, a normal array of the image shape with noise, and a
+    uniform ``(B, 5)`` with erasing.
     """
     _check_images(images)
     _check_range("crop_scale", config.crop_scale)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from sslspec._numerics import diagonal, off_diagonal, representable_eps
+from sslspec._numerics import off_diagonal, representable_eps
 from sslspec._validation import (
     check_collective,
     check_embedding_pair,
@@ -89,20 +90,30 @@ def barlow_twins_loss(
     world_size = check_collective(collective)
     global_size = check_global_batch("z_a", z_a, world_size, minimum=2)
 
+    # Each standardised view is also scaled by 1 / sqrt(N), so that the product of
+    # the two is C. Splitting 1 / N between both factors keeps small entries out
+    # of float16's subnormal range for large batches.
     eps = representable_eps(xp, _BATCH_NORM_EPS, z_a.dtype)
-    standard_a = _standardize(xp, z_a, eps, collective)
-    standard_b = _standardize(xp, z_b, eps, collective)
-    correlation = _sum_over_ranks(standard_a.T @ standard_b, collective) / global_size
+    scale = 1.0 / math.sqrt(global_size)
+    scaled_a = _standardize(xp, z_a, eps, scale, collective)
+    scaled_b = _standardize(xp, z_b, eps, scale, collective)
+    correlation = _sum_over_ranks(scaled_a.T @ scaled_b, collective)
 
-    on_diagonal = 1.0 - diagonal(xp, correlation)
+    # The diagonal of C is computed from the (N, D) factors: taking it from the
+    # (D, D) matrix would cost a D x D gradient scatter in the backward pass.
+    on_diagonal = 1.0 - _sum_over_ranks(xp.sum(scaled_a * scaled_b, axis=0), collective)
     redundancy = off_diagonal(xp, correlation)
-    return xp.sum(on_diagonal * on_diagonal) + lambda_param * xp.sum(
-        redundancy * redundancy
-    )
+    return xp.sum(xp.square(on_diagonal)) + lambda_param * xp.sum(xp.square(redundancy))
 
 
-def _standardize(xp: Any, z: Any, eps: float, collective: Collective | None) -> Any:
-    """Standardise each column over the global batch with the biased variance."""
+def _standardize(
+    xp: Any, z: Any, eps: float, scale: float, collective: Collective | None
+) -> Any:
+    """Standardise each column over the global batch, then multiply by ``scale``.
+
+    The variance is the biased one, as in batch normalisation.
+    """
     centred = z - _mean_over_ranks(xp.mean(z, axis=0), collective)
-    variance = _mean_over_ranks(xp.mean(centred * centred, axis=0), collective)
-    return centred / xp.sqrt(variance + eps)
+    variance = _mean_over_ranks(xp.mean(xp.square(centred), axis=0), collective)
+    # Multiplying by a per-column factor has a cheaper gradient than dividing.
+    return centred * (scale / xp.sqrt(variance + eps))

@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_positive_float, default=None, help="peak AdamW learning rate"
     )
     pretrain.add_argument(
-        "--seed", type=int, default=None, help="seed of initialisation, shuffling "
-        "and augmentations (default 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of initialisation, shuffling and augmentations (default 0)",
     )
     pretrain.add_argument(
         "--device",
@@ -132,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a pretraining run folder")
     evaluate.add_argument(
-        "--backend", default=None, help="backend to load the weights into (default: "
-        "the run's)"
+        "--backend",
+        default=None,
+        help="backend to load the weights into (default: the run's)",
     )
     evaluate.add_argument("--device", default=None, help="device (default: the run's)")
     evaluate.add_argument("--quiet", action="store_true", help="no log messages")

@@ -11,7 +11,7 @@
   ``(N, C, H, W)``;
 - a ``.csv`` file of numeric features, one sample per row. If the first row
   contains a field that is not a number it is the header, and a column named
-  ``label`` or ``y`` (any case) holds the labels, which may be numbers or names;
+  ``label`` or ``y`` (any case) contains the labels, which may be numbers or names;
 - a folder of PNG or JPEG images with one subfolder per class, named after the
   class. Images directly in the folder, with no subfolders, are read without
   labels. All images must have the same size; they are read as grayscale
@@ -484,7 +484,7 @@ def epoch_batches(
 
     The order is a permutation drawn from ``numpy.random.default_rng((seed,
     epoch))``, so it depends only on the seed and the epoch number, and a resumed
-    run sees the same batches as an uninterrupted one. Batches have
+    run gets the same batches as an uninterrupted one. Batches have
     ``min(batch_size, num_samples)`` samples; the remainder is dropped.
     """
     batch_size = min(batch_size, num_samples)

@@ -9,9 +9,9 @@ Both protocols fit on the training split and score on the held-out test split:
 - Linear probe: scikit-learn's ``LogisticRegression`` on features standardised with
   a ``StandardScaler`` fitted on the training split.
 
-:func:`evaluate_features` runs both on one set of features; the pretraining driver
-calls it for the pretrained encoder, the same encoder at its random initialisation,
-and the raw inputs flattened.
+:func:`evaluate_features` runs both on one set of features. The pretraining driver
+calls it for the pretrained encoder, for the same encoder at its random
+initialisation and for the flattened raw inputs.
 """
 
 from __future__ import annotations
@@ -53,8 +53,7 @@ def _check_features(
         )
     if labels is not None and np.shape(labels) != (len(features),):
         raise ValueError(
-            f"{name} labels must have shape ({len(features)},), got "
-            f"{np.shape(labels)}"
+            f"{name} labels must have shape ({len(features)},), got {np.shape(labels)}"
         )
 
 

@@ -64,9 +64,9 @@ def plot_spectrum(
 ) -> None:
     """Plot the normalised singular-value spectrum of each set of features.
 
-    A spectrum that drops to zero after a few values means the embeddings span
-    only a few dimensions (dimensional collapse); a complete collapse leaves one
-    or none.
+    A spectrum that drops to zero after a few values means that the embeddings
+    span only a few dimensions (dimensional collapse). A complete collapse leaves
+    one value or none.
     """
     figure, axes = _figure()
     for label, values in features.items():

@@ -1,9 +1,9 @@
 """The pretraining driver: data, epochs, checkpoints, evaluation and the run folder.
 
-The driver never imports a framework. It loads the data as NumPy, asks the backend
-named in the config for a :class:`~sslspec.backend.Trainer`, feeds it batches in an
-order that depends only on ``(seed, epoch)``, and writes after every epoch an atomic
-checkpoint of the trainer's state. A run folder holds:
+The driver never imports a framework. It loads the data as NumPy and gets a
+:class:`~sslspec.backend.Trainer` from the backend named in the config. It feeds the
+trainer batches in an order that depends only on ``(seed, epoch)`` and writes an
+atomic checkpoint of the trainer's state after every epoch. A run folder holds:
 
 - ``config.json``: the :class:`~sslspec.config.PretrainConfig`;
 - ``checkpoint.safetensors``: the state after the last completed epoch
@@ -268,12 +268,14 @@ def pretrain(
     _check_fit(config, dataset)
     config = _with_schedule(config, dataset)
 
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(
-        config.method, config.backend
+    run_dir = (
+        Path(out_dir)
+        if out_dir is not None
+        else default_run_dir(config.method, config.backend)
     )
     if (run_dir / CONFIG_NAME).exists():
         raise FileExistsError(
-            f"{str(run_dir)!r} already holds a run; resume it with --resume or "
+            f"{str(run_dir)!r} already contains a run; resume it with --resume or "
             f"choose another --out"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,9 +308,10 @@ def resume_run(
 ) -> dict[str, Any]:
     """Continue a run from its last checkpoint, then evaluate it.
 
-    ``epochs`` may raise the run's epoch count (the learning-rate and momentum
-    schedules then stretch over the new total, so the history differs from the
-    original plan's); ``device`` may move it to another device.
+    ``epochs`` may raise the run's epoch count. The learning-rate and momentum
+    schedules then stretch over the new total, so the loss history differs from
+    that of a run started with the new count. ``device`` may move the run to
+    another device.
 
     Raises
     ------
@@ -418,7 +421,9 @@ def _train_and_finish(
     progress: bool,
 ) -> dict[str, Any]:
     _train(config, dataset, trainer, run_dir, state, progress)
-    metrics = _evaluate_and_plot(config, backend, dataset, trainer, run_dir)
+    metrics = _evaluate_and_plot(
+        config, backend, dataset, trainer, run_dir, state.loss_history
+    )
     metrics = {
         "method": config.method,
         "backend": config.backend,
@@ -519,6 +524,7 @@ def _evaluate_and_plot(
     dataset: Dataset,
     trainer: Trainer,
     run_dir: Path,
+    loss_history: list[float],
 ) -> dict[str, Any]:
     """Evaluate the trained encoder, its random initialisation and the raw inputs,
     and draw the plots; return the accuracy entries of ``metrics.json``."""
@@ -555,8 +561,7 @@ def _evaluate_and_plot(
         )
         logger.warning("evaluation %s", results["evaluation"])
 
-    history = _loss_history(run_dir)
-    plots.plot_loss(history, run_dir / "loss.png", title=f"{config.method} loss")
+    plots.plot_loss(loss_history, run_dir / "loss.png", title=f"{config.method} loss")
     plots.plot_spectrum(
         {"pretrained": test_features, "random init": baseline_test},
         run_dir / "spectrum.png",
@@ -569,13 +574,6 @@ def _evaluate_and_plot(
         title=f"{config.method} test embeddings, 2-D PCA",
     )
     return results
-
-
-def _loss_history(run_dir: Path) -> list[float]:
-    try:
-        return load_checkpoint(run_dir / CHECKPOINT_NAME).loss_history
-    except CheckpointError:
-        return []
 
 
 def evaluate_run(
@@ -633,7 +631,9 @@ def evaluate_run(
         config.backend,
         resolved_device,
     )
-    results = _evaluate_and_plot(config, loaded_backend, dataset, trainer, run_dir)
+    results = _evaluate_and_plot(
+        config, loaded_backend, dataset, trainer, run_dir, checkpoint.loss_history
+    )
     metrics = {
         "method": config.method,
         "backend": config.backend,
@@ -652,4 +652,3 @@ def evaluate_run(
         metrics["trained_with_backend"] = checkpoint.backend
     _write_json(run_dir / METRICS_NAME, metrics)
     return {**metrics, "run_dir": str(run_dir)}
-

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_compat
 
 from sslspec._numerics import normalize_rows
 from sslspec._validation import check_collective, check_embedding_pair, check_real
-from sslspec.distributed import Collective, _gather_ranks, _mean_over_ranks
+from sslspec.distributed import Collective, _mean_over_ranks
 
 __all__ = ["nt_xent_loss"]
 
@@ -35,9 +36,9 @@ def nt_xent_loss(
     Each anchor's similarity with itself is excluded from the denominator and its
     positive is included, as in Algorithm 1 of the SimCLR paper; lightly's
     ``NTXentLoss`` returns the same value. The official TensorFlow 2 code returns
-    twice this value. The log-sum-exp subtracts each row's maximum, so no
-    exponential overflows, and at least one term of every sum is 1, so none
-    underflows to ``log(0)``.
+    twice this value. The log-sum-exp subtracts ``1 / temperature``, an upper bound
+    of every logit, where no row can underflow to ``log(0)`` in the dtype, and each
+    row's maximum at colder temperatures, so no exponential overflows.
 
     Parameters
     ----------
@@ -90,12 +91,15 @@ def nt_xent_loss(
     offset = 0 if collective is None else collective.rank * local_size
     device = array_api_compat.device(z_i)
 
-    u_i = normalize_rows(xp, z_i)
-    u_j = normalize_rows(xp, z_j)
-    anchors = xp.concat([u_i, u_j], axis=0)
-    candidates = xp.concat(
-        [_gather_ranks(u_i, collective), _gather_ranks(u_j, collective)], axis=0
-    )
+    anchors = normalize_rows(xp, xp.concat([z_i, z_j], axis=0))
+    u_i = anchors[:local_size, :]
+    u_j = anchors[local_size:, :]
+    if collective is None:
+        candidates = anchors
+    else:
+        candidates = xp.concat(
+            [collective.all_gather(u_i), collective.all_gather(u_j)], axis=0
+        )
 
     # Anchor k of view i sits at candidate column offset + k, anchor k of view j at
     # global_size + offset + k. offset may be a traced 0-D array (JAX), so the
@@ -109,10 +113,31 @@ def nt_xent_loss(
 
     logits = (anchors * (1.0 / temperature)) @ candidates.T
     logits = xp.where(is_self, -xp.inf, logits)
-    row_max = xp.max(logits, axis=1, keepdims=True)
-    log_denominator = xp.log(xp.sum(xp.exp(logits - row_max), axis=1)) + row_max[:, 0]
+    if _bound_shift_is_safe(xp, logits.dtype, temperature):
+        shift = 1.0 / temperature
+        log_denominator = xp.log(xp.sum(xp.exp(logits - shift), axis=1)) + shift
+    else:
+        row_max = xp.max(logits, axis=1, keepdims=True)
+        log_denominator = (
+            xp.log(xp.sum(xp.exp(logits - row_max), axis=1)) + row_max[:, 0]
+        )
 
     # Both anchors of pair k share the positive similarity u_i[k] . u_j[k] / tau.
     positive = xp.sum(u_i * u_j, axis=1) * (1.0 / temperature)
     local_loss = xp.mean(log_denominator) - xp.mean(positive)
     return _mean_over_ranks(local_loss, collective)
+
+
+def _bound_shift_is_safe(xp: Any, dtype: Any, temperature: float) -> bool:
+    """Return whether the log-sum-exp may shift every row by ``1 / temperature``.
+
+    No logit exceeds ``1 / temperature``, the logit of two parallel unit rows, so
+    that shift never overflows, and as a constant it adds nothing to the backward
+    pass. Every logit is at least ``-1 / temperature``, so no row underflows while
+    ``exp(-2 / temperature)`` is a normal number of the dtype: temperature
+    >= 0.023 in float32 and bfloat16, >= 0.0029 in float64, >= 0.21 in float16.
+    Colder temperatures shift each row by its maximum, which keeps the largest
+    term at 1.
+    """
+    smallest_normal = float(xp.finfo(dtype).smallest_normal)
+    return 2.0 / temperature <= -math.log(smallest_normal)

@@ -241,8 +241,7 @@ def covariance_loss(z: Any, *, collective: Collective | None = None) -> Any:
 
 
 def _invariance(xp: Any, z_a: Any, z_b: Any, collective: Collective | None) -> Any:
-    difference = z_a - z_b
-    return _mean_over_ranks(xp.mean(difference * difference), collective)
+    return _mean_over_ranks(xp.mean(xp.square(z_a - z_b)), collective)
 
 
 def _centre(xp: Any, z: Any, collective: Collective | None) -> Any:
@@ -259,7 +258,7 @@ def _variance_term(
     collective: Collective | None,
 ) -> Any:
     # The global mean of squares times N / (N - 1) is the unbiased variance.
-    mean_square = _mean_over_ranks(xp.mean(centred * centred, axis=0), collective)
+    mean_square = _mean_over_ranks(xp.mean(xp.square(centred), axis=0), collective)
     variance = mean_square * (global_size / (global_size - 1))
     std = xp.sqrt(variance + eps)
     return xp.mean(xp.clip(target_std - std, min=0.0))
@@ -273,4 +272,4 @@ def _covariance_term(
     scaled = centred * (1.0 / math.sqrt(global_size - 1))
     covariance = _sum_over_ranks(scaled.T @ scaled, collective)
     redundancy = off_diagonal(xp, covariance)
-    return xp.sum(redundancy * redundancy) / centred.shape[1]
+    return xp.sum(xp.square(redundancy)) / centred.shape[1]

@@ -1,11 +1,11 @@
-"""Tests of the Array API augmentations on NumPy, array-api-strict and PyTorch."""
+"""Tests of the Array API augmentations on NumPy, array-api-strict and PyTorch, and
+under ``jax.jit``."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
-import array_api_compat.numpy as xnp
-import array_api_strict
 import numpy as np
 import pytest
 
@@ -24,12 +24,19 @@ from sslspec.augment import (
 )
 from sslspec.config import AugmentConfig
 
-NAMESPACES = {"numpy": xnp, "array_api_strict": array_api_strict}
+NAMESPACES = {
+    "numpy": "array_api_compat.numpy",
+    "array_api_strict": "array_api_strict",
+    "torch": "array_api_compat.torch",
+}
 
 
 @pytest.fixture(params=list(NAMESPACES))
 def xp(request):
-    return NAMESPACES[request.param]
+    """Array namespace to test on; eager JAX is left out because it compiles every
+    operation, and :func:`test_jit_two_views` covers JAX."""
+    pytest.importorskip(request.param)
+    return importlib.import_module(NAMESPACES[request.param])
 
 
 def source(xp, seed=0, dtype=None):
@@ -320,3 +327,45 @@ def test_torch_matches_shapes_and_device():
     assert view_a.device == images.device
     identity_result = warp_affine(images, torch.eye(3).expand(4, 3, 3))
     assert torch.equal(identity_result, images)
+
+
+class JaxKeySource:
+    """Functional random source: each call splits the key, as under ``jax.jit``."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def _next(self):
+        import jax
+
+        self.key, subkey = jax.random.split(self.key)
+        return subkey
+
+    def uniform(self, shape):
+        import jax
+
+        return jax.random.uniform(self._next(), shape, dtype="float32")
+
+    def normal(self, shape):
+        import jax
+
+        return jax.random.normal(self._next(), shape, dtype="float32")
+
+
+def test_jit_two_views():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    config = AugmentConfig(horizontal_flip=True, erase_probability=0.5)
+
+    @jax.jit
+    def views(images, key):
+        return two_views(images, JaxKeySource(key), config)
+
+    images = jnp.asarray(np.random.default_rng(0).random((4, 1, 8, 8)), jnp.float32)
+    view_a, view_b = views(images, jax.random.key(0))
+    again_a, _ = views(images, jax.random.key(0))
+    assert view_a.shape == images.shape
+    assert view_a.dtype == jnp.float32
+    assert not np.array_equal(np.asarray(view_a), np.asarray(view_b))
+    np.testing.assert_array_equal(np.asarray(view_a), np.asarray(again_a))

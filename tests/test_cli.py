@@ -73,8 +73,10 @@ def test_backends_lists_torch():
 def test_quiet_run_and_resume(tmp_path, digits_file, capsys):
     run_dir = tmp_path / "run"
     common = ["--data", digits_file, "--batch-size", "32", "--method", "vicreg"]
-    assert main(["pretrain", *common, "--epochs", "1", "--out", str(run_dir),
-                 "--quiet"]) == 0
+    assert (
+        main(["pretrain", *common, "--epochs", "1", "--out", str(run_dir), "--quiet"])
+        == 0
+    )
     captured = capsys.readouterr()
     assert "pretrained encoder" in captured.out
     assert captured.err == ""
@@ -95,8 +97,9 @@ def test_quiet_run_and_resume(tmp_path, digits_file, capsys):
 def test_bad_data_is_an_error(tmp_path, capsys):
     path = tmp_path / "broken.csv"
     path.write_text("a,b\n1,2\n3,oops\n")
-    status = main(["pretrain", "--data", str(path), "--out", str(tmp_path / "r"),
-                   "--quiet"])
+    status = main(
+        ["pretrain", "--data", str(path), "--out", str(tmp_path / "r"), "--quiet"]
+    )
     assert status == 1
     error = capsys.readouterr().err
     assert "error:" in error
@@ -112,8 +115,18 @@ def test_missing_data_is_an_error(tmp_path, capsys):
 
 def test_unavailable_device_is_an_error(tmp_path, digits_file, capsys):
     pytest.importorskip("torch")
-    status = main(["pretrain", "--data", digits_file, "--device", "cuda:9",
-                   "--out", str(tmp_path / "r"), "--quiet"])
+    status = main(
+        [
+            "pretrain",
+            "--data",
+            digits_file,
+            "--device",
+            "cuda:9",
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+        ]
+    )
     assert status == 1
     assert "cuda:9" in capsys.readouterr().err
 

@@ -62,7 +62,9 @@ def test_npy_without_labels_and_grayscale(tmp_path):
 
 def test_csv_with_label_column(tmp_path):
     path = tmp_path / "table.csv"
-    rows = ["a,b,label"] + [f"{i},{i * 2},{'odd' if i % 2 else 'even'}" for i in range(20)]
+    rows = ["a,b,label"] + [
+        f"{i},{i * 2},{'odd' if i % 2 else 'even'}" for i in range(20)
+    ]
     path.write_text("\n".join(rows) + "\n")
     dataset = load_dataset(str(path))
     assert dataset.sample_shape == (2,)

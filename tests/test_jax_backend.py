@@ -13,13 +13,20 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 
 import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from sslspec_jax import JaxBackend  # noqa: E402
 from sslspec_jax import networks as jn  # noqa: E402
+from sslspec_jax import trainer as trainer_module  # noqa: E402
 from sslspec_jax.random import KeyRandom  # noqa: E402
+from sslspec_jax.trainer import JaxTrainer, build_optimizer, method_loss  # noqa: E402
 
+import sslspec  # noqa: E402
 from sslspec import networks as spec  # noqa: E402
 from sslspec.backend import Backend, load_backend  # noqa: E402
+from sslspec.config import PretrainConfig  # noqa: E402
+from sslspec.networks import HeadSizes  # noqa: E402
+from sslspec.schedules import warmup_cosine_lr  # noqa: E402
 
 SMALL_NETWORKS = {
     "mlp": spec.MLP(10, (16, 12), 8, batch_norm=True, output_activation=True),
@@ -107,11 +114,13 @@ def test_asarray_casts_and_places(backend):
     np.testing.assert_array_equal(back, np.arange(6.0).reshape(2, 3))
 
 
-def test_asarray_float64_needs_x64(backend):
+def test_asarray_float64_follows_x64_mode(backend):
     if jax.config.read("jax_enable_x64"):
-        pytest.skip("64-bit mode is enabled")
-    with pytest.raises(ValueError, match="JAX_ENABLE_X64"):
-        backend.asarray(np.ones(3), dtype="float64")
+        x = backend.asarray(np.ones(3), dtype="float64")
+        assert x.dtype == jnp.float64
+    else:
+        with pytest.raises(ValueError, match="JAX_ENABLE_X64"):
+            backend.asarray(np.ones(3), dtype="float64")
 
 
 def test_namespace_is_jax_numpy(backend):
@@ -162,10 +171,10 @@ def test_batch_norm_running_variance_unbiased():
 
 def test_batch_norm_eval_uses_running_stats():
     norm = jn.BatchNorm(2)
-    norm.mean[...] = jnp.asarray([1.0, -1.0])
-    norm.var[...] = jnp.asarray([4.0, 0.25])
+    norm.mean[...] = jnp.asarray([1.0, -1.0], jnp.float32)
+    norm.var[...] = jnp.asarray([4.0, 0.25], jnp.float32)
     norm.eval()
-    out = np.asarray(norm(jnp.asarray([[3.0, 0.0]])))
+    out = np.asarray(norm(jnp.asarray([[3.0, 0.0]], jnp.float32)))
     np.testing.assert_allclose(
         out, [[2.0 / math.sqrt(4.0 + 1e-5), 1.0 / math.sqrt(0.25 + 1e-5)]], rtol=1e-6
     )
@@ -321,3 +330,388 @@ def test_key_random_splits_every_call():
     again = KeyRandom(jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(again.uniform((4,))), first)
     assert random.normal((2, 3)).shape == (2, 3)
+
+
+# Trainer.
+
+FEATURE_SIZES = HeadSizes(
+    projector_hidden=16,
+    projector_out=8,
+    predictor_hidden=16,
+    mlp_encoder_hidden=(16, 16),
+)
+IMAGE_SIZES = HeadSizes(
+    projector_hidden=32,
+    projector_out=16,
+    predictor_hidden=32,
+    conv_channels=(4, 8),
+    vit={"embed_dim": 16, "depth": 1, "num_heads": 2},
+    decoder={"decoder_dim": 8, "depth": 1, "num_heads": 2},
+)
+FEATURE_SHAPE = (12,)
+IMAGE_SHAPE = (1, 8, 8)
+FEATURE_METHODS = ("simclr", "byol", "barlow-twins", "vicreg")
+
+
+def feature_config(method: str, **changes) -> PretrainConfig:
+    values = {
+        "method": method,
+        "backend": "jax",
+        "epochs": 2,
+        "batch_size": 16,
+        "warmup_epochs": 1,
+        "steps_per_epoch": 3,
+        "total_steps": 6,
+        "device": "cpu",
+        "sizes": FEATURE_SIZES,
+    }
+    return PretrainConfig(**(values | changes))
+
+
+def feature_batches(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal((16, *FEATURE_SHAPE)).astype(np.float32)
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def feature_runs():
+    """Three training steps of every method but MAE on feature vectors."""
+    runs = {}
+    for method in FEATURE_METHODS:
+        trainer = JaxTrainer(feature_config(method), sample_shape=FEATURE_SHAPE)
+        losses = [trainer.train_step(batch) for batch in feature_batches(3)]
+        runs[method] = (trainer, losses)
+    return runs
+
+
+@pytest.mark.parametrize("method", FEATURE_METHODS)
+def test_every_method_trains(feature_runs, method):
+    trainer, losses = feature_runs[method]
+    assert trainer.step == 3
+    assert all(math.isfinite(loss) for loss in losses)
+    assert len(set(losses)) == 3
+    features = trainer.encode(feature_batches(1, seed=9)[0])
+    assert features.shape == (16, 16)
+    assert features.dtype == np.float32
+
+
+def test_state_names_match_torch_trainer(feature_runs):
+    trainer, _ = feature_runs["byol"]
+    names = set(trainer.state_dict())
+    torch_trainer = pytest.importorskip("sslspec_torch.trainer")
+    reference = torch_trainer.TorchTrainer(
+        feature_config("byol"), sample_shape=FEATURE_SHAPE, device="cpu"
+    )
+    expected = set(reference.state_dict())
+    assert names - {"rng.key"} == expected - {"rng.augment"}
+    assert "rng.key" in names
+
+
+def test_state_names_are_canonical(feature_runs):
+    trainer, _ = feature_runs["barlow-twins"]
+    state = trainer.state_dict()
+    shapes = spec.flat_parameter_shapes(trainer.descriptions)
+    for name, shape in shapes.items():
+        assert state[name].shape == shape, name
+    assert state["optimizer.step"] == 3
+    assert state["optimizer.step"].dtype == np.int64
+    assert state["rng.key"].dtype == np.uint32
+    moment = state["optimizer.exp_avg.projector.layers.0.weight"]
+    assert moment.shape == shapes["projector.layers.0.weight"]
+    assert np.any(moment != 0)
+
+
+def test_state_stays_on_device(feature_runs):
+    trainer, _ = feature_runs["simclr"]
+    leaves = jax.tree.leaves((trainer.params, trainer.batch_stats, trainer.opt_state))
+    for leaf in leaves:
+        assert leaf.devices() == {trainer.device}
+
+
+def test_train_step_compiles_once(feature_runs, monkeypatch):
+    trainer, _ = feature_runs["vicreg"]
+    seconds = trainer.compile_seconds
+    assert seconds is not None and seconds > 0
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the training step was compiled again")
+
+    monkeypatch.setattr(trainer_module, "make_train_step", fail)
+    trainer.train_step(feature_batches(1, seed=4)[0])
+    assert trainer.compile_seconds == seconds
+    assert trainer.extra_metrics() == {"compile_seconds": seconds}
+
+
+def test_resume_matches_uninterrupted(feature_runs):
+    config = feature_config("byol")
+    batches = feature_batches(5)
+    full = JaxTrainer(config, sample_shape=FEATURE_SHAPE)
+    expected = [full.train_step(batch) for batch in batches]
+    first = JaxTrainer(config, sample_shape=FEATURE_SHAPE)
+    losses = [first.train_step(batch) for batch in batches[:2]]
+    resumed = JaxTrainer(config.replace(seed=7), sample_shape=FEATURE_SHAPE)
+    resumed.load_state_dict(first.state_dict())
+    losses += [resumed.train_step(batch) for batch in batches[2:]]
+    assert losses == expected
+    final, reference = resumed.state_dict(), full.state_dict()
+    for name, value in reference.items():
+        np.testing.assert_array_equal(final[name], value, err_msg=name)
+
+
+def test_byol_target_follows_ema(feature_runs):
+    config = feature_config("byol")
+    trainer = JaxTrainer(config, sample_shape=FEATURE_SHAPE)
+    trainer.train_step(feature_batches(1)[0])
+    before = trainer.state_dict()
+    trainer.train_step(feature_batches(1, seed=3)[0])
+    after = trainer.state_dict()
+    momentum = sslspec.momentum_schedule(
+        1,
+        config.total_steps,
+        base_momentum=config.base_momentum,
+        final_momentum=config.final_momentum,
+    )
+    buffers = {
+        f"{prefix}.{name}"
+        for prefix in ("encoder", "projector")
+        for name in spec.buffer_names(trainer.descriptions[prefix])
+    }
+    for prefix in ("encoder", "projector"):
+        for name in spec.parameter_shapes(trainer.descriptions[prefix]):
+            online = f"{prefix}.{name}"
+            if online in buffers:
+                continue
+            target = f"target_{online}"
+            expected = momentum * before[target] + (1 - momentum) * after[online]
+            np.testing.assert_allclose(
+                after[target], expected, rtol=1e-6, atol=1e-7, err_msg=target
+            )
+
+
+def byol_gradients(stop_target_gradient: bool):
+    """Return the gradient of BYOL's loss with respect to the target parameters."""
+    config = feature_config("byol")
+    trainer = JaxTrainer(config, sample_shape=FEATURE_SHAPE)
+    batch = jnp.asarray(feature_batches(1)[0])
+
+    def loss(params, target_params):
+        online = nnx.merge(trainer._graphdef, params, trainer.batch_stats, copy=True)
+        target = nnx.merge(
+            trainer._target_graphdef, target_params, trainer.target_stats, copy=True
+        )
+        return method_loss(
+            config,
+            online,
+            target,
+            batch,
+            KeyRandom(jax.random.key(0)),
+            stop_target_gradient=stop_target_gradient,
+        )
+
+    grads = jax.grad(loss, argnums=(0, 1))(trainer.params, trainer.target_params)
+    return jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])
+
+
+def test_byol_target_gets_no_gradient():
+    online, target = byol_gradients(stop_target_gradient=True)
+    assert target
+    for leaf in target:
+        assert not np.any(np.asarray(leaf))
+    assert any(np.any(np.asarray(leaf)) for leaf in online)
+    _, leaking = byol_gradients(stop_target_gradient=False)
+    assert any(np.any(np.asarray(leaf)) for leaf in leaking)
+
+
+def test_learning_rate_schedule_and_decay_match_torch():
+    torch = pytest.importorskip("torch")
+    config = feature_config("simclr", lr=0.1, weight_decay=0.3, total_steps=7)
+    optimizer = build_optimizer(config)
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal(5).astype(np.float32)
+    grads = rng.standard_normal((8, 5)).astype(np.float32)
+
+    params = {"w": jnp.asarray(start)}
+    state = optimizer.init(params)
+    weight = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    reference = torch.optim.AdamW(
+        [weight], lr=config.lr, weight_decay=config.weight_decay
+    )
+    for step, grad in enumerate(grads):
+        updates, state = optimizer.update({"w": jnp.asarray(grad)}, state, params)
+        params = optax.apply_updates(params, updates)
+        for group in reference.param_groups:
+            group["lr"] = warmup_cosine_lr(
+                step,
+                base_lr=config.lr,
+                warmup_steps=config.steps_per_epoch,
+                total_steps=config.total_steps,
+            )
+        weight.grad = torch.from_numpy(grad.copy())
+        reference.step()
+        np.testing.assert_allclose(
+            np.asarray(params["w"]),
+            weight.detach().numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"step {step}",
+        )
+
+
+def test_encode_pads_last_batch(feature_runs, monkeypatch):
+    trainer, _ = feature_runs["simclr"]
+    inputs = np.concatenate(feature_batches(2, seed=5))[:27]
+    whole = trainer.encode(inputs)
+    monkeypatch.setattr(trainer_module, "ENCODE_BATCH_SIZE", 8)
+    np.testing.assert_allclose(trainer.encode(inputs), whole, rtol=1e-5, atol=1e-6)
+    assert trainer.encode(inputs[:0]).shape == (0, 0)
+
+
+def test_load_state_reports_problems(feature_runs):
+    trainer, _ = feature_runs["simclr"]
+    state = trainer.state_dict()
+    state.pop("encoder.layers.0.weight")
+    state["encoder.extra"] = np.zeros(1, np.float32)
+    state["projector.layers.0.bias"] = np.zeros(3, np.float32)
+    state.pop("optimizer.exp_avg.projector.layers.1.bias")
+    state["rng.key"] = np.zeros(5, np.uint32)
+    with pytest.raises(ValueError) as raised:
+        trainer.load_state_dict(state)
+    message = str(raised.value)
+    assert "missing encoder.layers.0.weight" in message
+    assert "unexpected encoder.extra" in message
+    assert "projector.layers.0.bias has shape (3,), expected (16,)" in message
+    assert "missing optimizer.exp_avg.projector.layers.1.bias" in message
+    assert "rng.key has shape (5,), expected (2,)" in message
+
+
+def test_weights_load_without_optimizer_or_rng(feature_runs):
+    trainer, _ = feature_runs["vicreg"]
+    fresh = JaxTrainer(feature_config("vicreg"), sample_shape=FEATURE_SHAPE)
+    key = np.asarray(jax.random.key_data(fresh.key))
+    weights = {
+        name: value
+        for name, value in trainer.state_dict().items()
+        if not name.startswith(("optimizer.", "rng."))
+    }
+    fresh.load_state_dict(weights | {"rng.augment": np.zeros(8, np.uint8)})
+    inputs = feature_batches(1, seed=2)[0]
+    np.testing.assert_array_equal(fresh.encode(inputs), trainer.encode(inputs))
+    assert fresh.step == 0
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(fresh.key)), key)
+
+
+def test_trainer_requires_total_steps():
+    trainer = JaxTrainer(
+        feature_config("simclr", total_steps=0), sample_shape=FEATURE_SHAPE
+    )
+    with pytest.raises(ValueError, match="total_steps"):
+        trainer.train_step(feature_batches(1)[0])
+
+
+def test_batch_of_wrong_shape(feature_runs):
+    trainer, _ = feature_runs["simclr"]
+    with pytest.raises(ValueError, match=r"batch must have shape \(B, 12\)"):
+        trainer.train_step(np.zeros((16, 11), np.float32))
+
+
+def test_bf16_step_keeps_float32_state():
+    config = feature_config("simclr", precision="bf16")
+    trainer = JaxTrainer(config, sample_shape=FEATURE_SHAPE)
+    losses = [trainer.train_step(batch) for batch in feature_batches(2)]
+    assert all(math.isfinite(loss) for loss in losses)
+    for leaf in jax.tree.leaves(trainer.params):
+        assert leaf.dtype == jnp.float32
+    assert trainer.encode(feature_batches(1)[0]).dtype == np.float32
+
+
+def test_create_trainer_uses_config_device(backend):
+    config = feature_config("simclr", device="auto")
+    trainer = backend.create_trainer(config, sample_shape=FEATURE_SHAPE)
+    assert trainer.device_name == backend.resolve_device("auto")
+    with pytest.raises(ValueError, match="available devices"):
+        backend.create_trainer(
+            config.replace(device="cuda:99"), sample_shape=FEATURE_SHAPE
+        )
+
+
+# MAE.
+
+
+def mae_config(**changes) -> PretrainConfig:
+    values = {
+        "method": "mae",
+        "backend": "jax",
+        "batch_size": 16,
+        "warmup_epochs": 1,
+        "steps_per_epoch": 2,
+        "total_steps": 4,
+        "device": "cpu",
+        "sizes": IMAGE_SIZES,
+    }
+    return PretrainConfig(**(values | changes))
+
+
+def image_batch(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(16, *IMAGE_SHAPE)).astype(np.float32)
+
+
+def test_mae_encoder_sees_only_visible_patches(monkeypatch):
+    config = mae_config()
+    trainer = JaxTrainer(config, sample_shape=IMAGE_SHAPE)
+    networks = nnx.merge(trainer._graphdef, trainer.params, trainer.batch_stats)
+    encoder = networks["encoder"]
+    calls = {}
+
+    def spy_encoder(images, ids_keep=None):
+        calls["images"], calls["ids_keep"] = images, ids_keep
+        calls["latent"] = encoder(images, ids_keep)
+        return calls["latent"]
+
+    masks = []
+    generate_mask = sslspec.generate_mask
+
+    def spy_mask(noise, **kwargs):
+        masks.append((noise, generate_mask(noise, **kwargs)))
+        return masks[-1][1]
+
+    monkeypatch.setattr(sslspec, "generate_mask", spy_mask)
+    online = {"encoder": spy_encoder, "decoder": networks["decoder"]}
+    loss = method_loss(
+        config, online, None, jnp.asarray(image_batch()), KeyRandom(jax.random.key(1))
+    )
+    assert math.isfinite(float(loss))
+    ((noise, mask),) = masks
+    length = encoder.description.num_patches
+    assert noise.shape == (16, length)
+    assert float(jnp.min(noise)) >= 0.0
+    assert float(jnp.max(noise)) < 1.0
+    keep = length - round(length * config.mask_ratio)
+    assert calls["ids_keep"] is mask.ids_keep
+    assert calls["latent"].shape == (16, keep, 16)
+
+    # Changing every masked patch leaves the encoder's output unchanged.
+    patch = encoder.description.patch_size
+    hidden = np.asarray(mask.mask).reshape(16, 4, 4)
+    pixel_mask = np.kron(hidden, np.ones((patch, patch)))[:, None]
+    images = np.asarray(calls["images"])
+    scrambled = np.where(pixel_mask > 0, 100.0 * images + 3.0, images)
+    latent = encoder(jnp.asarray(scrambled, jnp.float32), mask.ids_keep)
+    np.testing.assert_allclose(
+        np.asarray(latent), np.asarray(calls["latent"]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_mae_trains_and_encodes():
+    trainer = JaxTrainer(mae_config(), sample_shape=IMAGE_SHAPE)
+    losses = [trainer.train_step(image_batch(seed)) for seed in range(2)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[1] < losses[0]
+    features = trainer.encode(image_batch(5))
+    assert features.shape == (16, 16)
+    state = trainer.state_dict()
+    assert state["encoder.pos_embed"].shape == (1, 16, 16)
+    assert state["decoder.mask_token"].shape == (1, 1, 8)

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from sslspec_torch.trainer import TorchTrainer  # noqa: E402
+
 from sslspec.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from sslspec.config import AugmentConfig, PretrainConfig  # noqa: E402
 from sslspec.data import DataError  # noqa: E402
@@ -21,7 +23,6 @@ from sslspec.pretrain import (  # noqa: E402
     pretrain,
     resume_run,
 )
-from sslspec_torch.trainer import TorchTrainer  # noqa: E402
 
 SMALL_SIZES = HeadSizes(
     projector_hidden=64,
@@ -79,9 +80,10 @@ def test_default_configs_cover_every_method():
         config = default_config(method)
         assert config.method == method
     assert default_config("simclr", epochs=None, lr=0.5).lr == 0.5
-    assert default_config("simclr", epochs=None).epochs == METHOD_DEFAULTS["simclr"][
-        "epochs"
-    ]
+    assert (
+        default_config("simclr", epochs=None).epochs
+        == METHOD_DEFAULTS["simclr"]["epochs"]
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -265,9 +267,10 @@ def test_unlabelled_data_skips_evaluation(tmp_path, digits_file):
     metrics = pretrain(small_config(str(path), epochs=1), out_dir=run_dir)
     assert metrics["knn_accuracy"] is None
     assert metrics["evaluation"].startswith("skipped")
-    assert "needs labels" in metrics["evaluation"] or "need labels" in metrics[
-        "evaluation"
-    ]
+    assert (
+        "needs labels" in metrics["evaluation"]
+        or "need labels" in metrics["evaluation"]
+    )
     assert (run_dir / "pca.png").is_file()
 
 
@@ -278,3 +281,20 @@ def test_evaluate_run_reproduces_metrics(tmp_path, digits_file):
     for key in METRIC_KEYS:
         if key != "train_seconds":
             assert evaluated[key] == trained[key], key
+
+
+def test_warmup_cosine_schedule():
+    from sslspec.schedules import warmup_cosine_lr
+
+    def rate(step):
+        return warmup_cosine_lr(step, base_lr=1.0, warmup_steps=4, total_steps=12)
+
+    assert [rate(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert rate(4) == 1.0
+    assert rate(8) == pytest.approx(0.5)
+    assert rate(11) == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    assert rate(12) == 0.0
+    assert rate(50) == 0.0
+    assert warmup_cosine_lr(0, base_lr=2.0, warmup_steps=0, total_steps=10) == 2.0
+    with pytest.raises(ValueError, match="warmup_steps=5 must not exceed"):
+        warmup_cosine_lr(0, base_lr=1.0, warmup_steps=5, total_steps=4)

@@ -7,6 +7,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from sslspec_torch import TorchBackend  # noqa: E402
+from sslspec_torch.networks import (  # noqa: E402
+    build_module,
+    canonical_state,
+    patchify,
+)
+
 import sslspec  # noqa: E402
 from sslspec.backend import Backend, Trainer, load_backend  # noqa: E402
 from sslspec.config import AugmentConfig, PretrainConfig  # noqa: E402
@@ -20,12 +27,6 @@ from sslspec.networks import (  # noqa: E402
     buffer_names,
     method_networks,
     parameter_shapes,
-)
-from sslspec_torch import TorchBackend  # noqa: E402
-from sslspec_torch.networks import (  # noqa: E402
-    build_module,
-    canonical_state,
-    patchify,
 )
 
 SMALL_SIZES = HeadSizes(
@@ -42,10 +43,17 @@ DESCRIPTIONS = [
     MLP(10, (16,), 4, batch_norm=False),
     MLP(10, (), 4),
     ConvEncoder(in_channels=3, image_size=(8, 8), channels=(4, 8, 16)),
-    ViTEncoder(in_channels=1, image_size=(8, 8), patch_size=2, embed_dim=16, depth=2,
-               num_heads=2),
-    MAEDecoder(num_patches=16, patch_dim=4, encoder_dim=16, decoder_dim=8, depth=1,
-               num_heads=2),
+    ViTEncoder(
+        in_channels=1,
+        image_size=(8, 8),
+        patch_size=2,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+    ),
+    MAEDecoder(
+        num_patches=16, patch_dim=4, encoder_dim=16, decoder_dim=8, depth=1, num_heads=2
+    ),
 ]
 
 
@@ -117,7 +125,9 @@ def test_resolve_device(backend):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_cuda_is_clear(backend):
-    with pytest.raises(ValueError, match=r"'cuda:1' is not available.*available devices: cpu"):
+    with pytest.raises(
+        ValueError, match=r"'cuda:1' is not available.*available devices: cpu"
+    ):
         backend.resolve_device("cuda:1")
 
 
@@ -188,7 +198,9 @@ def test_apply_mlp_matches_numpy(backend):
         params["norms.0.running_var"] + 1e-5
     )
     hidden = np.maximum(hidden * params["norms.0.weight"] + params["norms.0.bias"], 0)
-    expected = np.maximum(hidden @ params["layers.1.weight"].T + params["layers.1.bias"], 0)
+    expected = np.maximum(
+        hidden @ params["layers.1.weight"].T + params["layers.1.bias"], 0
+    )
     result = backend.apply_network(description, params, x)
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
 
@@ -224,10 +236,12 @@ def test_apply_conv_encoder_shape(backend):
 
 
 def test_apply_vit_and_decoder(backend):
-    encoder = ViTEncoder(image_size=(8, 8), patch_size=2, embed_dim=16, depth=1,
-                         num_heads=2)
-    decoder = MAEDecoder(num_patches=16, patch_dim=4, encoder_dim=16, decoder_dim=8,
-                         depth=1, num_heads=2)
+    encoder = ViTEncoder(
+        image_size=(8, 8), patch_size=2, embed_dim=16, depth=1, num_heads=2
+    )
+    decoder = MAEDecoder(
+        num_patches=16, patch_dim=4, encoder_dim=16, decoder_dim=8, depth=1, num_heads=2
+    )
     images = np.random.default_rng(4).random((3, 1, 8, 8)).astype(np.float32)
     noise = np.random.default_rng(5).random((3, 16)).astype(np.float32)
     mask = sslspec.generate_mask(noise, mask_ratio=0.75)
@@ -239,7 +253,10 @@ def test_apply_vit_and_decoder(backend):
     )
     assert visible.shape == (3, 4, 16)
     prediction = backend.apply_network(
-        decoder, random_params(decoder), visible, ids_restore=np.asarray(mask.ids_restore)
+        decoder,
+        random_params(decoder),
+        visible,
+        ids_restore=np.asarray(mask.ids_restore),
     )
     assert prediction.shape == (3, 16, 4)
     with pytest.raises(ValueError, match="ids_restore is required"):
@@ -251,7 +268,9 @@ def test_apply_rejects_wrong_params(backend):
     params = random_params(description)
     params["layers.0.weight"] = np.zeros((3, 4), dtype=np.float32)
     params["extra"] = np.zeros(1, dtype=np.float32)
-    with pytest.raises(ValueError, match=r"unexpected extra.*layers.0.weight has shape"):
+    with pytest.raises(
+        ValueError, match=r"unexpected extra.*layers.0.weight has shape"
+    ):
         backend.apply_network(description, params, np.zeros((1, 4)))
 
 
@@ -307,8 +326,9 @@ def test_same_seed_same_initialisation(backend):
     other = backend.create_trainer(small_config("byol", seed=1), sample_shape=(1, 8, 8))
     a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
     assert all(np.array_equal(a[name], b[name]) for name in a)
-    assert not np.array_equal(a["encoder.blocks.0.conv.weight"],
-                              c["encoder.blocks.0.conv.weight"])
+    assert not np.array_equal(
+        a["encoder.blocks.0.conv.weight"], c["encoder.blocks.0.conv.weight"]
+    )
     np.testing.assert_array_equal(
         a["encoder.blocks.0.conv.weight"], a["target_encoder.blocks.0.conv.weight"]
     )
@@ -321,9 +341,12 @@ def test_byol_target_follows_ema(backend, digits):
     trainer.train_step(digits[:16])
     after = trainer.state_dict()
     momentum = sslspec.momentum_schedule(0, 100, base_momentum=0.9)
-    expected = momentum * target_before + (1 - momentum) * after["projector.layers.1.weight"]
-    np.testing.assert_allclose(after["target_projector.layers.1.weight"], expected,
-                               rtol=1e-6, atol=1e-7)
+    expected = (
+        momentum * target_before + (1 - momentum) * after["projector.layers.1.weight"]
+    )
+    np.testing.assert_allclose(
+        after["target_projector.layers.1.weight"], expected, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_state_names_are_canonical(backend):

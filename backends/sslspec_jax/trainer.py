@@ -267,6 +267,10 @@ class _CompileCache:
 
 
 _CACHE = _CompileCache()
+# Config fields that do not change the compiled functions: the seed enters through
+# the key and the initial parameters, which are inputs; the epoch count only
+# through total_steps, which is part of the key.
+_GRAPH_INDEPENDENT_OPTIONS = frozenset({"backend", "data", "device", "epochs", "seed"})
 
 
 class JaxTrainer:
@@ -385,7 +389,12 @@ class JaxTrainer:
         )
 
     def _cache_key(self, *extra: Any) -> tuple[Any, ...]:
-        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        values = {
+            name: value
+            for name, value in self.config.to_dict().items()
+            if name not in _GRAPH_INDEPENDENT_OPTIONS
+        }
+        config = json.dumps(values, sort_keys=True, default=str)
         return (config, self.sample_shape, self.device_name, *extra)
 
     # Training

@@ -226,7 +226,9 @@ class TorchBackend:
                 output = module(tensor)
         return self.to_numpy(output)
 
-    def create_trainer(self, config: Any, *, sample_shape: Sequence[int]) -> TorchTrainer:
+    def create_trainer(
+        self, config: Any, *, sample_shape: Sequence[int]
+    ) -> TorchTrainer:
         """Return a :class:`~sslspec_torch.trainer.TorchTrainer` on the device that
         ``config.device`` resolves to."""
         device = self.resolve_device(config.device)

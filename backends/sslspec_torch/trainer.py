@@ -181,9 +181,7 @@ class TorchTrainer:
         if config.method == "simclr":
             return sslspec.nt_xent_loss(z_a, z_b, temperature=config.temperature)
         if config.method == "barlow-twins":
-            return sslspec.barlow_twins_loss(
-                z_a, z_b, lambda_param=config.lambda_param
-            )
+            return sslspec.barlow_twins_loss(z_a, z_b, lambda_param=config.lambda_param)
         if config.method == "vicreg":
             return sslspec.vicreg_loss(
                 z_a,
@@ -229,7 +227,9 @@ class TorchTrainer:
         )
         with torch.no_grad():
             for prefix in self.target_prefixes:
-                online = dict(self.networks[prefix.removeprefix("target_")].named_parameters())
+                online = dict(
+                    self.networks[prefix.removeprefix("target_")].named_parameters()
+                )
                 target = dict(self.networks[prefix].named_parameters())
                 updated = sslspec.ema_update(online, target, momentum=momentum)
                 for name, tensor in target.items():
@@ -270,7 +270,7 @@ class TorchTrainer:
     def encode(self, inputs: np.ndarray) -> np.ndarray:
         """Return the encoder's features ``(N, D)`` as float32, in evaluation mode.
 
-        Batch norm uses its running statistics. The MAE encoder sees every patch
+        Batch norm uses its running statistics. The MAE encoder receives every patch
         and its normed tokens are averaged.
         """
         encoder = self.networks["encoder"]
@@ -296,7 +296,9 @@ class TorchTrainer:
     def _network_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for prefix, description in self.descriptions.items():
-            for name, tensor in canonical_state(self.networks[prefix], description).items():
+            for name, tensor in canonical_state(
+                self.networks[prefix], description
+            ).items():
                 tensors[f"{prefix}.{name}"] = tensor
         return tensors
 
@@ -353,7 +355,9 @@ class TorchTrainer:
             if not name.startswith(("optimizer.", "rng."))
         }
         known_prefixes = tuple(f"{prefix}." for prefix in self.descriptions)
-        unexpected = [name for name in network_state if not name.startswith(known_prefixes)]
+        unexpected = [
+            name for name in network_state if not name.startswith(known_prefixes)
+        ]
         if unexpected:
             problems.append("unexpected " + ", ".join(sorted(unexpected)))
         for prefix, description in self.descriptions.items():
@@ -382,7 +386,9 @@ class TorchTrainer:
         if any(name.startswith("rng.") for name in state):
             problems += _group_problems(state, rng_names)
         if problems:
-            raise ValueError("state does not match this trainer: " + "; ".join(problems))
+            raise ValueError(
+                "state does not match this trainer: " + "; ".join(problems)
+            )
 
         for prefix, description in self.descriptions.items():
             params = {
@@ -396,7 +402,9 @@ class TorchTrainer:
             for name, parameter in parameters.items():
                 self.optimizer.state[parameter] = {
                     "step": torch.tensor(float(step), dtype=torch.float32),
-                    "exp_avg": _tensor_like(state[f"optimizer.exp_avg.{name}"], parameter),
+                    "exp_avg": _tensor_like(
+                        state[f"optimizer.exp_avg.{name}"], parameter
+                    ),
                     "exp_avg_sq": _tensor_like(
                         state[f"optimizer.exp_avg_sq.{name}"], parameter
                     ),
@@ -414,7 +422,9 @@ def _group_problems(
     group = expected and next(iter(expected)).split(".", 1)[0] + "."
     problems = []
     missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name.startswith(group) and name not in expected]
+    unexpected = [
+        name for name in state if name.startswith(group) and name not in expected
+    ]
     if missing:
         problems.append("missing " + ", ".join(missing))
     if unexpected:

@@ -8,6 +8,11 @@ sizes and few stresses.
 Every strategy takes the dtype under test and keeps to its
 :class:`~sslspec_conformance.tolerances.Domain`: no value above ``max_magnitude``,
 and every row either exactly zero or of norm at least ``min_row_norm``.
+
+Sizes come from :func:`sizes`. Under the ``thorough`` profile it draws every size
+in a range; under ``ci`` it picks from a short menu of the range's ends and the
+sizes around 16, so that frameworks that compile a kernel per shape (JAX runs every
+operation that way, even outside ``jit``) reuse their kernels across examples.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import strategies as st
 
+from sslspec_conformance import profiles
 from sslspec_conformance.tolerances import Domain, domain
 
 __all__ = [
@@ -66,17 +72,29 @@ class Case:
         return f"Case({self.description}; shapes {shapes}; options {self.options})"
 
 
+def sizes(min_value: int, max_value: int, menu: tuple[int, ...] = ()):
+    """Sizes from ``min_value`` to ``max_value``.
+
+    Under ``thorough``, any size, with both sides of 16 (where sorting algorithms
+    change) equally likely. Under ``ci``, one of ``menu``, or by default the ends
+    of the range and 17 where they allow it.
+    """
+    if profiles.active() == "ci":
+        choices = menu or (min_value, 17, max_value)
+        return st.sampled_from(sorted({c for c in choices if min_value <= c <= max_value}))
+    if max_value <= 16 or min_value > 16:
+        return st.integers(min_value, max_value)
+    return st.one_of(st.integers(min_value, 16), st.integers(17, max_value))
+
+
 def batch_sizes(min_value: int = MIN_BATCH, max_value: int = MAX_BATCH):
-    """Batch sizes, with both sides of 16 (where sorts change algorithm) likely."""
-    return st.one_of(
-        st.integers(min_value, min(16, max_value)),
-        st.integers(min(17, max_value), max_value),
-    )
+    """Batch sizes from ``min_value`` to ``max_value`` (2 to 64 by default)."""
+    return sizes(min_value, max_value)
 
 
 def dims(max_value: int = MAX_DIM):
-    """Embedding dimensions from 1 to ``max_value``."""
-    return st.one_of(st.integers(1, min(16, max_value)), st.integers(1, max_value))
+    """Embedding dimensions from 1 to ``max_value`` (128 by default)."""
+    return sizes(1, max_value)
 
 
 def temperatures():
@@ -197,7 +215,7 @@ def mask_noise(draw, dtype: str) -> Case:
     or one value), or is already sorted or reversed.
     """
     batch = draw(batch_sizes(), label="batch")
-    length = draw(st.one_of(st.integers(2, 16), st.integers(17, MAX_DIM)), label="L")
+    length = draw(sizes(2, MAX_DIM, (2, 16, 17, MAX_DIM)), label="L")
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
     kind = draw(st.sampled_from(["uniform", "ties", "constant", "sorted", "reversed"]))
     by_count = draw(st.booleans())
@@ -227,11 +245,11 @@ def mask_noise(draw, dtype: str) -> Case:
 def images(draw, dtype: str) -> Case:
     """Draw (B, C, H, W) images and a patch size that divides H and W."""
     limits = domain(dtype)
-    batch = draw(st.integers(1, 16), label="batch")
-    channels = draw(st.integers(1, 4), label="channels")
-    patch_size = draw(st.integers(1, 8), label="patch_size")
-    rows = draw(st.integers(1, 8), label="rows")
-    cols = draw(st.integers(1, 8), label="cols")
+    batch = draw(sizes(1, 16, (1, 3)), label="batch")
+    channels = draw(sizes(1, 4, (1, 3)), label="channels")
+    patch_size = draw(sizes(1, 8, (1, 2, 5)), label="patch_size")
+    rows = draw(sizes(1, 8, (1, 3, 8)), label="rows")
+    cols = draw(sizes(1, 8, (1, 3, 8)), label="cols")
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
     shape = (batch, channels, rows * patch_size, cols * patch_size)
@@ -261,7 +279,7 @@ def parameter_dicts(draw, dtype: str) -> Case:
     count = draw(st.integers(1, 4), label="parameters")
     shapes = draw(
         st.lists(
-            st.lists(st.integers(1, 16), min_size=0, max_size=3).map(tuple),
+            st.lists(sizes(1, 16, (1, 3, 16)), min_size=0, max_size=3).map(tuple),
             min_size=count,
             max_size=count,
         )
@@ -295,8 +313,8 @@ def reconstruction_inputs(draw, dtype: str) -> Case:
     """Draw prediction and target (B, L, P), a mask (B, L) and the options."""
     limits = domain(dtype)
     batch = draw(batch_sizes(max_value=16), label="batch")
-    length = draw(st.integers(1, 64), label="L")
-    patch_dim = draw(st.integers(1, 48), label="P")
+    length = draw(sizes(1, 64, (1, 17, 64)), label="L")
+    patch_dim = draw(sizes(1, 48, (1, 2, 48)), label="P")
     norm_pix_loss = draw(st.booleans()) if patch_dim >= 2 else False
     mask_kind = draw(st.sampled_from(["random", "none", "all", "fractional"]))
     magnitude = draw(_magnitudes(limits), label="magnitude")
