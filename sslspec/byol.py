@@ -236,5 +236,5 @@ def momentum_schedule(
     weight = (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
     momentum = final_momentum - (final_momentum - base_momentum) * weight
     # Rounding in the line above can step outside [base, final] by one unit in the
-    # last place; clamping keeps the schedule monotone with exact end points.
+    # last place. Clamping keeps the schedule monotone with exact end points.
     return min(max(momentum, base_momentum), final_momentum)

@@ -2,11 +2,11 @@
 
 A training job that splits each batch over several devices ("ranks") passes a
 :class:`Collective` to the ``collective`` argument of a loss. Every loss then returns,
-on every rank, the loss of the global batch (the concatenation of the local batches
-in rank order), and its gradient with respect to the local inputs is ``world_size``
-times the gradient of that global loss with respect to the same slice. Data-parallel
-training averages gradients over ranks, so the averaged gradient equals the gradient
-of a single-device step on the global batch.
+on every rank, the loss of the global batch, which is the concatenation of the local
+batches in rank order. Its gradient with respect to the local inputs is
+``world_size`` times the gradient of that global loss with respect to the same
+slice. Data-parallel training averages gradients over ranks, so the averaged
+gradient equals the gradient of a single-device step on the global batch.
 
 All losses assume that every rank holds the same number of samples, so that the
 global batch size is ``world_size`` times the local one.
@@ -32,9 +32,10 @@ class Collective(Protocol):
     world_size : int
         Number of ranks, a Python int of at least 1.
     rank : int or array
-        Index of this rank in ``[0, world_size)``: a Python int, or a 0-D integer
-        array where the framework only knows it at run time (for example
-        ``jax.lax.axis_index`` under ``jax.vmap``, ``jax.pmap`` or ``shard_map``).
+        Index of this rank in ``[0, world_size)``. It is a Python int, or a 0-D
+        integer array where the framework determines it only at run time, for
+        example ``jax.lax.axis_index`` under ``jax.vmap``, ``jax.pmap`` or
+        ``shard_map``.
     """
 
     world_size: int
@@ -80,10 +81,3 @@ def _mean_over_ranks(x: Any, collective: Collective | None) -> Any:
     if collective is None:
         return x
     return collective.all_reduce_sum(x) / collective.world_size
-
-
-def _gather_ranks(x: Any, collective: Collective | None) -> Any:
-    """Return ``x`` concatenated over ranks, or ``x`` itself without a collective."""
-    if collective is None:
-        return x
-    return collective.all_gather(x)

@@ -226,8 +226,7 @@ def reconstruction_loss(
         variance = xp.var(target, axis=-1, correction=1, keepdims=True)
         target = (target - mean) / xp.sqrt(variance + eps)
 
-    difference = prediction - target
-    patch_error = xp.mean(difference * difference, axis=-1)
+    patch_error = xp.mean(xp.square(prediction - target), axis=-1)
     weights = xp.astype(mask, prediction.dtype)
 
     # Means rather than sums keep both values within float16 range. With equal
@@ -301,7 +300,7 @@ def unpatchify(
     *,
     image_size: tuple[int, int] | None = None,
 ) -> Any:
-    r"""Reassemble images from patches in MAE's layout; the inverse of patchify.
+    r"""Reassemble images from patches in MAE's layout, the inverse of patchify.
 
     The channel count is read from the patch length, ``C = patch_length / p**2``.
     The patch grid is square unless ``image_size`` gives the image's height and
@@ -355,7 +354,7 @@ def unpatchify(
 def _patch_grid(
     length: int, patch_size: int, image_size: tuple[int, int] | None
 ) -> tuple[int, int]:
-    """Return the (rows, columns) patch grid of ``length`` patches, checked."""
+    """Return the (rows, columns) grid of ``length`` patches, raising if none fits."""
     if image_size is None:
         side = math.isqrt(length)
         if side * side != length:

@@ -34,7 +34,7 @@ def nt_xent_loss(
         L = \frac{1}{2N} \sum_{a=1}^{2N} \ell_a .
 
     Each anchor's similarity with itself is excluded from the denominator and its
-    positive is included, as in Algorithm 1 of the SimCLR paper; lightly's
+    positive is included, as in Algorithm 1 of the SimCLR paper. lightly's
     ``NTXentLoss`` returns the same value. The official TensorFlow 2 code returns
     twice this value. The log-sum-exp subtracts ``1 / temperature``, an upper bound
     of every logit, where no row can underflow to ``log(0)`` in the dtype, and each
@@ -131,13 +131,13 @@ def nt_xent_loss(
 def _bound_shift_is_safe(xp: Any, dtype: Any, temperature: float) -> bool:
     """Return whether the log-sum-exp may shift every row by ``1 / temperature``.
 
-    No logit exceeds ``1 / temperature``, the logit of two parallel unit rows, so
-    that shift never overflows, and as a constant it adds nothing to the backward
-    pass. Every logit is at least ``-1 / temperature``, so no row underflows while
-    ``exp(-2 / temperature)`` is a normal number of the dtype: temperature
-    >= 0.023 in float32 and bfloat16, >= 0.0029 in float64, >= 0.21 in float16.
-    Colder temperatures shift each row by its maximum, which keeps the largest
-    term at 1.
+    Up to rounding, no logit exceeds ``1 / temperature``, the logit of two parallel
+    unit rows, so that shift never overflows. As a constant it adds nothing to the
+    backward pass. Every logit is at least ``-1 / temperature``, so no row
+    underflows while ``exp(-2 / temperature)`` is a normal number of the dtype:
+    temperature >= 0.023 in float32 and bfloat16, >= 0.0029 in float64, >= 0.21 in
+    float16. Colder temperatures shift each row by its maximum, which keeps the
+    largest term at 1.
     """
     smallest_normal = float(xp.finfo(dtype).smallest_normal)
     return 2.0 / temperature <= -math.log(smallest_normal)

@@ -15,8 +15,8 @@ settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile("ci")
 
-# Imported for its side effect: float64 arrays in JAX need x64 mode, which must be
-# set before the first JAX array is created.
+# Float64 arrays in JAX need x64 mode, which must be set before the first JAX array
+# is created.
 try:
     import jax
 
@@ -35,7 +35,7 @@ ARRAY_LIBRARIES = [
 
 @pytest.fixture(scope="session", params=[name for name, _ in ARRAY_LIBRARIES])
 def xp(request):
-    """The array namespace of one library; skipped if the library is missing."""
+    """Array namespace of one library, skipping the test if it is not installed."""
     module = dict(ARRAY_LIBRARIES)[request.param]
     pytest.importorskip(request.param)
     namespace = importlib.import_module(module)

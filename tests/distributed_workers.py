@@ -8,10 +8,13 @@ process:
   :func:`sslspec_torch.distributed.launch`. Each rank computes every loss case and
   one training step per loss and optimiser, with the correct collective and with
   each faulty one, and the launcher pickles the ranks' results to OUT.
-- ``torch-fail`` launches 2 ranks of which rank 1 raises while rank 0 waits in an
-  all-reduce; it exits with status 1 and prints the launcher's error.
+- ``torch-fail`` launches 2 ranks. Rank 1 raises while rank 0 waits in an
+  all-reduce, and the script exits with status 1 after printing the launcher's
+  error.
 - ``jax-checks OUT`` forces 2 host CPU devices before importing JAX, then
   computes the same results under ``jax.shard_map`` and on one device.
+- ``report TORCH_OUT JAX_OUT`` prints a Markdown table of the largest deviations
+  from the single-process results in those two pickles.
 
 The ``*_mismatches`` functions at the end compare distributed results with
 single-process references and return one line per mismatch, each starting with
@@ -25,6 +28,7 @@ import datetime
 import math
 import os
 import pickle
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +46,11 @@ SEED = 0
 
 #: Collectives of the checks: the correct one, then deliberate mistakes.
 #: ``scaled_gradient`` computes correct sums but multiplies the gradient of every
-#: all-reduce by the world size; ``wrong_rank`` reports rank 0 on every rank, so
-#: the other ranks mask the wrong columns as their own samples; ``detached_gather``
-#: gathers without gradient and puts back only the local slice, so a rank's samples
-#: get no gradient from their use as negatives on the other ranks.
+#: all-reduce by the world size. ``wrong_rank`` reports rank 0 on every rank, so
+#: the other ranks mask the wrong columns as their own samples.
+#: ``detached_gather`` gathers without gradient and puts back only the local
+#: slice, so a rank's samples get no gradient from their use as negatives on the
+#: other ranks.
 FAULTS = ("scaled_gradient", "wrong_rank", "detached_gather")
 VARIANTS = ("correct", *FAULTS)
 
@@ -84,11 +89,11 @@ ADAMW_LEARNING_RATE = 1e-2
 WEIGHT_DECAY = 1e-2
 # AdamW's first step moves a parameter by lr * g / (|g| + eps), which amplifies a
 # change of a near-zero gradient g by lr / eps. Some gradients are zero in exact
-# arithmetic (a bias whose shift the next batch norm or the loss's centring
-# removes) and float32 rounding makes them about 1e-7 of the typical gradient, a
-# rounding that differs between one batch and its shards. With torch's default
-# eps of 1e-8 that noise would move such a parameter by up to the learning rate;
-# eps = lr keeps it at rounding size.
+# arithmetic, such as that of a bias whose shift the next batch norm removes. In
+# float32 they come out as rounding noise of about 1e-7 of the typical gradient,
+# and that noise differs between one batch and its shards. With torch's default
+# eps of 1e-8 it would move such a parameter by up to the learning rate, while
+# eps = lr keeps the difference at rounding size.
 ADAMW_EPS = 1e-2
 
 LOSS_RELATIVE_TOLERANCE = 1e-12
@@ -232,7 +237,8 @@ def torch_losses(
 
 def _torch_step_model() -> Any:
     """Return an encoder and projector from the torch backend, seeded, whose
-    ``forward`` embeds both views as one batch (so DDP sees every use)."""
+    ``forward`` embeds both views as one batch, so that DDP synchronises every
+    use of the parameters."""
     import torch
     from sslspec_torch.networks import build_module
     from torch import nn
@@ -310,6 +316,38 @@ def torch_step(
     return state
 
 
+def listening_addresses(pid: int) -> list[str] | None:
+    """Return ``address:port`` of every TCP socket that process ``pid`` listens
+    on, read from /proc (None where /proc is missing)."""
+    proc = Path("/proc", str(pid))
+    if not proc.is_dir():
+        return None
+    inodes = set()
+    for descriptor in (proc / "fd").iterdir():
+        try:
+            target = os.readlink(descriptor)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    addresses = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        path = proc / "net" / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            host, port = local.split(":")
+            raw = bytes.fromhex(host)
+            # /proc prints each 32-bit word of the address in host byte order.
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addresses.append(f"{socket.inet_ntop(family, raw)}:{int(port, 16)}")
+    return addresses
+
+
 def torch_rank_checks() -> dict[Any, Any]:
     """Run every planned loss case and step on this rank of a launched job."""
     import torch
@@ -320,7 +358,12 @@ def torch_rank_checks() -> dict[Any, Any]:
     environment = init_process_group("cpu", timeout=timeout)
     try:
         results: dict[Any, Any] = {
-            "is_collective": isinstance(torch_collective("correct"), Collective)
+            "is_collective": isinstance(torch_collective("correct"), Collective),
+            # This rank's sockets, and those of the launcher that started it.
+            "listening": [
+                listening_addresses(os.getpid()),
+                listening_addresses(os.getppid()),
+            ],
         }
         for variant in VARIANTS:
             collective = torch_collective(variant)
@@ -392,9 +435,9 @@ def jax_losses(
     """Return each loss case's value and gradients per device (one entry for a
     single device without a collective).
 
-    The distributed value is returned by every device; the gradient is that of
-    the mean of the devices' values with respect to the global input, cut into
-    the devices' slices. All cases run in one compiled function.
+    Every device returns the distributed value. The gradient is that of the
+    mean of the devices' values with respect to the global input, cut into the
+    devices' slices. All cases run in one compiled function.
     """
     import jax
     import jax.numpy as jnp
@@ -451,9 +494,9 @@ def jax_steps(
     *,
     check_vma: bool = True,
 ) -> dict[tuple[str, str], list[dict[str, np.ndarray]]]:
-    """Run one training step per ``(loss, optimizer)`` of ``plan`` from the same
-    initial networks; return each device's canonical parameters, batch
-    statistics and loss (one entry on a single device).
+    """Run one training step per ``(loss, optimizer)`` of ``plan``, each from the
+    same initial networks. Return each device's canonical parameters, batch
+    statistics and loss, with one entry on a single device.
 
     Without a collective these are single-device steps on the whole batch. With
     one, the batch norms are synchronised and the steps run under
@@ -492,7 +535,7 @@ def jax_steps(
     }
     opt_states = {name: optimizers[name].init(params) for name in OPTIMIZERS}
 
-    def one_step(loss_name, optimizer_name, params, stats, opt_state, batch):  # noqa: ANN001
+    def one_step(loss_name, optimizer_name, params, stats, opt_state, batch):
         view_a, view_b, target, mask = batch
 
         def loss_fn(params: Any) -> Any:
@@ -509,7 +552,7 @@ def jax_steps(
         updates, _ = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_stats, loss
 
-    def steps(params, stats, opt_states, batch):  # noqa: ANN001
+    def steps(params, stats, opt_states, batch):
         return {
             f"{loss_name}/{optimizer_name}": one_step(
                 loss_name,
@@ -667,6 +710,109 @@ def step_mismatches(
     return lines
 
 
+# Report
+
+
+def _largest_deviations(
+    loss_ranks: list[dict[str, dict[str, Any]]],
+    loss_reference: dict[str, dict[str, Any]],
+    scale: float,
+) -> tuple[float, float]:
+    """Return the largest relative loss deviation and the largest absolute input
+    gradient deviation over the ranks and cases."""
+    value_deviation = 0.0
+    gradient_deviation = 0.0
+    world_size = len(loss_ranks)
+    for rank, results in enumerate(loss_ranks):
+        for name, result in results.items():
+            expected = loss_reference[name]
+            value_deviation = max(
+                value_deviation,
+                abs(result["value"] - expected["value"]) / abs(expected["value"]),
+            )
+            for local, whole in zip(
+                result["gradients"], expected["gradients"], strict=True
+            ):
+                expected_local = scale * shard(whole, rank, world_size)
+                gradient_deviation = max(
+                    gradient_deviation, float(np.max(np.abs(local - expected_local)))
+                )
+    return value_deviation, gradient_deviation
+
+
+def _largest_step_deviation(
+    ranks: list[dict[str, np.ndarray]], reference: dict[str, np.ndarray]
+) -> float:
+    return max(
+        float(np.max(np.abs(state[name] - expected)))
+        for state in ranks
+        for name, expected in reference.items()
+    )
+
+
+def report(torch_path: str | None, jax_path: str | None) -> str:
+    """Return a Markdown table of the largest deviations from the single-process
+    results, per framework and collective, from the pickles of ``torch-checks``
+    and ``jax-checks``."""
+    lines = [
+        "| framework | collective | loss value (relative) | input gradient "
+        "(absolute) | step parameters (absolute) |",
+        "|---|---|---|---|---|",
+    ]
+    sources = []
+    if torch_path:
+        ranks = pickle.loads(Path(torch_path).read_bytes())
+        loss_reference = torch_losses(LOSS_PLAN["correct"])
+        step_reference = {
+            key: torch_step(*key) for key in STEP_PLAN["correct"] + UNCHECKED_PLAN
+        }
+
+        def torch_results(*key: Any) -> Any:
+            return [results[key] for results in ranks]
+
+        sources.append(
+            ("torch", torch_results, loss_reference, step_reference, WORLD_SIZE)
+        )
+    if jax_path:
+        results = pickle.loads(Path(jax_path).read_bytes())
+        step_reference = {
+            key[2:]: value
+            for key, value in results.items()
+            if key[:2] == ("step", "reference")
+        }
+
+        def jax_results(*key: Any) -> Any:
+            return results[key]
+
+        sources.append(
+            ("jax", jax_results, results["loss", "reference"], step_reference, 1.0)
+        )
+    for framework, lookup, loss_reference, step_reference, scale in sources:
+        for variant in VARIANTS:
+            value, gradient = _largest_deviations(
+                lookup("loss", variant), loss_reference, scale
+            )
+            step = max(
+                _largest_step_deviation(
+                    lookup("step", variant, *key), step_reference[key]
+                )
+                for key in STEP_PLAN[variant]
+            )
+            lines.append(
+                f"| {framework} | {variant} | {value:.1e} | {gradient:.1e} | "
+                f"{step:.1e} |"
+            )
+        if framework == "jax":
+            step = max(
+                _largest_step_deviation(
+                    lookup("step", "unchecked", *key), step_reference[key]
+                )
+                for key in UNCHECKED_PLAN
+            )
+            lines.append(f"| jax | correct, check_vma=False | | | {step:.1e} |")
+    return "\n".join(lines)
+
+
 # Entry point
 
 
@@ -682,6 +828,10 @@ def main(argv: list[str]) -> int:
             f"{flags} --xla_force_host_platform_device_count={WORLD_SIZE}"
         ).strip()
         _write(argv[1], jax_checks())
+        return 0
+
+    if command == "report":
+        print(report(argv[1] or None, argv[2] or None))
         return 0
 
     import distributed_workers
@@ -701,7 +851,7 @@ def main(argv: list[str]) -> int:
         return 2
     print(
         "usage: distributed_workers.py {torch-checks OUT | torch-fail | "
-        "jax-checks OUT}",
+        "jax-checks OUT | report TORCH_OUT JAX_OUT}",
         file=sys.stderr,
     )
     return 2

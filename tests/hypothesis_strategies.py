@@ -1,8 +1,8 @@
 """Hypothesis strategies shared by the spec tests.
 
 Shapes come from a short list because eager JAX compiles every operation once per
-new shape; a few shapes keep the JAX runs fast while still covering a batch of 1,
-a single dimension and a batch above 16.
+new shape. A few shapes keep the JAX runs fast and still cover a batch of 1, a
+single dimension and a batch above 16.
 """
 
 from __future__ import annotations

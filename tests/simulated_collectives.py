@@ -2,10 +2,11 @@
 
 ``run_threaded_ranks`` runs one thread per rank, and the threads exchange arrays
 through a barrier. All ranks share one process, so with PyTorch every rank's loss
-sits in one autograd graph that reaches every rank's inputs. Calling backward on
-the sum of the ranks' losses gives each input the gradient that a real
-data-parallel run gives it: there, each collective's backward pass sums the
-upstream gradients of all ranks, which is the same sum taken here by the graph.
+sits in one autograd graph that reaches every rank's inputs. In a real
+data-parallel run, each collective's backward pass sums the upstream gradients of
+all ranks. Calling backward on the sum of the ranks' losses takes the same sum
+through the shared graph, so each input receives the gradient that the real run
+gives it.
 
 ``VmapCollective`` maps ranks onto a ``jax.vmap`` axis and uses JAX's named-axis
 collectives, so the rank is a traced 0-D array as under ``shard_map``.
@@ -68,7 +69,7 @@ def run_threaded_ranks(
 ) -> list[Any]:
     """Return ``loss(*shards[r], collective=..., **kwargs)`` for every rank ``r``.
 
-    ``shards[r]`` holds rank ``r``'s positional arguments. Each rank runs in its own
+    ``shards[r]`` contains rank ``r``'s positional arguments. Each rank runs in its own
     thread with a :class:`ThreadedCollective`.
     """
     world_size = len(shards)

@@ -1,8 +1,8 @@
 """Losses with a collective equal the global-batch loss on every rank.
 
-With W ranks each holding one shard of the batch, every rank's value must equal
-the loss of the whole batch on one device, and each rank's gradient with respect
-to its shard must be W times the whole-batch gradient for that slice.
+W ranks each own one shard of the batch. Every rank's value must equal the loss of
+the whole batch on one device. Each rank's gradient with respect to its shard must
+be W times the whole-batch gradient for that slice.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def test_threaded_ranks_scale_torch_gradient(case, world_size):
         for rank in range(world_size)
     ]
     values = run_threaded_ranks(xp, case.function, shards, **case.kwargs)
-    # Each rank runs backward on its own loss; the collectives' backward passes sum
-    # over ranks, which one backward pass through the sum of the losses reproduces.
+    # In a real run each rank runs backward on its own loss and the collectives'
+    # backward passes sum over ranks. One backward pass through the sum of the
+    # losses takes the same sum.
     torch.stack(values).sum().backward()
 
     for index, whole_input in enumerate(whole):

@@ -1,7 +1,7 @@
 """Data-parallel training on torch.distributed equals one process on the whole batch.
 
-Two gloo ranks on 127.0.0.1 run every check in processes of their own (see
-``distributed_workers.py``); this file compares their results with the same
+Two gloo ranks on 127.0.0.1 run every check in processes of their own, started
+by ``distributed_workers.py``. This file compares their results with the same
 computations in the pytest process. Each rank's loss must equal the
 single-process loss of the global batch, its gradient with respect to its slice
 must be ``world_size`` times the single-process gradient of that slice, and one
@@ -149,6 +149,18 @@ def test_rank_losses_equal_global_loss(rank_results, loss_reference):
 @pytest.mark.distributed
 def test_torch_collective_is_collective(rank_results):
     assert [results["is_collective"] for results in rank_results] == [True, True]
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to list sockets")
+def test_ranks_listen_on_loopback_only(rank_results):
+    for rank, results in enumerate(rank_results):
+        own, launcher = results["listening"]
+        assert own, f"rank {rank} listens on no socket"
+        assert launcher, "the launcher listens on no socket"
+        for address in own + launcher:
+            host = address.rsplit(":", 1)[0]
+            assert host in ("127.0.0.1", "::1"), (rank, address)
 
 
 @pytest.mark.distributed

@@ -24,7 +24,7 @@ from sslspec_jax.trainer import JaxTrainer, build_optimizer, method_loss  # noqa
 import sslspec  # noqa: E402
 from sslspec import networks as spec  # noqa: E402
 from sslspec.backend import Backend, load_backend  # noqa: E402
-from sslspec.config import PretrainConfig  # noqa: E402
+from sslspec.config import AugmentConfig, PretrainConfig  # noqa: E402
 from sslspec.networks import HeadSizes  # noqa: E402
 from sslspec.schedules import warmup_cosine_lr  # noqa: E402
 
@@ -491,10 +491,10 @@ def test_byol_target_follows_ema(feature_runs):
             )
 
 
-def byol_gradients(stop_target_gradient: bool):
-    """Return the gradient of BYOL's loss with respect to the target parameters."""
-    config = feature_config("byol")
-    trainer = JaxTrainer(config, sample_shape=FEATURE_SHAPE)
+def byol_gradients(trainer: JaxTrainer, stop_target_gradient: bool):
+    """Return the gradients of BYOL's loss with respect to the online and the
+    target parameters."""
+    config = trainer.config
     batch = jnp.asarray(feature_batches(1)[0])
 
     def loss(params, target_params):
@@ -515,13 +515,14 @@ def byol_gradients(stop_target_gradient: bool):
     return jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])
 
 
-def test_byol_target_gets_no_gradient():
-    online, target = byol_gradients(stop_target_gradient=True)
+def test_byol_target_gets_no_gradient(feature_runs):
+    trainer, _ = feature_runs["byol"]
+    online, target = byol_gradients(trainer, stop_target_gradient=True)
     assert target
     for leaf in target:
         assert not np.any(np.asarray(leaf))
     assert any(np.any(np.asarray(leaf)) for leaf in online)
-    _, leaking = byol_gradients(stop_target_gradient=False)
+    _, leaking = byol_gradients(trainer, stop_target_gradient=False)
     assert any(np.any(np.asarray(leaf)) for leaf in leaking)
 
 
@@ -662,46 +663,65 @@ def image_batch(seed: int = 0) -> np.ndarray:
 def test_mae_encoder_sees_only_visible_patches(monkeypatch):
     config = mae_config()
     trainer = JaxTrainer(config, sample_shape=IMAGE_SHAPE)
-    networks = nnx.merge(trainer._graphdef, trainer.params, trainer.batch_stats)
-    encoder = networks["encoder"]
-    calls = {}
-
-    def spy_encoder(images, ids_keep=None):
-        calls["images"], calls["ids_keep"] = images, ids_keep
-        calls["latent"] = encoder(images, ids_keep)
-        return calls["latent"]
-
-    masks = []
+    description = trainer.descriptions["encoder"]
+    length, patch = description.num_patches, description.patch_size
     generate_mask = sslspec.generate_mask
+    masks = []
 
     def spy_mask(noise, **kwargs):
         masks.append((noise, generate_mask(noise, **kwargs)))
         return masks[-1][1]
 
     monkeypatch.setattr(sslspec, "generate_mask", spy_mask)
-    online = {"encoder": spy_encoder, "decoder": networks["decoder"]}
-    loss = method_loss(
-        config, online, None, jnp.asarray(image_batch()), KeyRandom(jax.random.key(1))
-    )
-    assert math.isfinite(float(loss))
-    ((noise, mask),) = masks
-    length = encoder.description.num_patches
-    assert noise.shape == (16, length)
-    assert float(jnp.min(noise)) >= 0.0
-    assert float(jnp.max(noise)) < 1.0
-    keep = length - round(length * config.mask_ratio)
-    assert calls["ids_keep"] is mask.ids_keep
-    assert calls["latent"].shape == (16, keep, 16)
 
-    # Changing every masked patch leaves the encoder's output unchanged.
-    patch = encoder.description.patch_size
-    hidden = np.asarray(mask.mask).reshape(16, 4, 4)
-    pixel_mask = np.kron(hidden, np.ones((patch, patch)))[:, None]
-    images = np.asarray(calls["images"])
-    scrambled = np.where(pixel_mask > 0, 100.0 * images + 3.0, images)
-    latent = encoder(jnp.asarray(scrambled, jnp.float32), mask.ids_keep)
+    @jax.jit
+    def run(params, stats, batch, key):
+        networks = nnx.merge(trainer._graphdef, params, stats, copy=True)
+        encoder = networks["encoder"]
+        calls = {}
+
+        class SpyEncoder:
+            def __init__(self):
+                self.description = description
+
+            def __call__(self, images, ids_keep=None):
+                calls["images"], calls["ids_keep"] = images, ids_keep
+                calls["latent"] = encoder(images, ids_keep)
+                return calls["latent"]
+
+        online = {"encoder": SpyEncoder(), "decoder": networks["decoder"]}
+        loss = method_loss(config, online, None, batch, KeyRandom(key))
+        ((noise, mask),) = masks
+        assert calls["ids_keep"] is mask.ids_keep
+        # Scramble every pixel of the masked patches.
+        rows = jnp.reshape(mask.mask, (-1, 4, 4))
+        pixels = jnp.repeat(jnp.repeat(rows, patch, axis=1), patch, axis=2)
+        images = calls["images"]
+        scrambled = jnp.where(pixels[:, None] > 0, 100.0 * images + 3.0, images)
+        return {
+            "loss": loss,
+            "latent": calls["latent"],
+            "scrambled_latent": encoder(scrambled, mask.ids_keep),
+            "scrambled_fraction": jnp.mean(scrambled != images),
+            "noise": noise,
+        }
+
+    batch = jnp.asarray(image_batch())
+    outputs = run(trainer.params, trainer.batch_stats, batch, jax.random.key(1))
+    assert math.isfinite(float(outputs["loss"]))
+    noise = np.asarray(outputs["noise"])
+    assert noise.shape == (16, length)
+    assert noise.dtype == np.float32
+    assert 0.0 <= noise.min()
+    assert noise.max() < 1.0
+    keep = length - round(length * config.mask_ratio)
+    assert outputs["latent"].shape == (16, keep, description.embed_dim)
+    assert float(outputs["scrambled_fraction"]) == pytest.approx(0.75)
     np.testing.assert_allclose(
-        np.asarray(latent), np.asarray(calls["latent"]), rtol=1e-5, atol=1e-5
+        np.asarray(outputs["scrambled_latent"]),
+        np.asarray(outputs["latent"]),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -715,3 +735,73 @@ def test_mae_trains_and_encodes():
     state = trainer.state_dict()
     assert state["encoder.pos_embed"].shape == (1, 16, 16)
     assert state["decoder.mask_token"].shape == (1, 1, 8)
+
+
+# Driver.
+
+DRIVER_SIZES = HeadSizes(
+    projector_hidden=32,
+    projector_out=16,
+    predictor_hidden=32,
+    conv_channels=(4, 8),
+)
+
+
+@pytest.fixture(scope="module")
+def digits_file(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    path = tmp_path_factory.mktemp("data") / "digits200.npz"
+    images = (digits.images[:200] / 16.0).astype(np.float32)[:, None]
+    np.savez(path, x=images, y=digits.target[:200])
+    return str(path)
+
+
+def driver_config(data: str, **changes) -> PretrainConfig:
+    values = {
+        "method": "byol",
+        "backend": "jax",
+        "data": data,
+        "epochs": 3,
+        "batch_size": 32,
+        "warmup_epochs": 1,
+        "device": "cpu",
+        "sizes": DRIVER_SIZES,
+        "augment": AugmentConfig(erase_probability=0.0),
+    }
+    return PretrainConfig(**(values | changes))
+
+
+def test_driver_resume_after_crash_matches(tmp_path, digits_file, monkeypatch):
+    from sslspec.checkpoint import load_checkpoint
+    from sslspec.pretrain import pretrain, resume_run
+
+    config = driver_config(digits_file)
+    full = pretrain(config, out_dir=tmp_path / "full")
+    expected = full["loss_history"]
+    assert len(expected) == 3
+    assert 0.0 <= full["knn_accuracy"] <= 1.0
+
+    original = JaxTrainer.train_step
+    calls = {"count": 0}
+
+    def crash_in_second_epoch(self, batch):
+        calls["count"] += 1
+        if calls["count"] == 7:
+            raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(JaxTrainer, "train_step", crash_in_second_epoch)
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(config, out_dir=run_dir)
+    checkpoint = load_checkpoint(run_dir / "checkpoint.safetensors")
+    assert checkpoint.epoch == 1
+    assert checkpoint.tensors["rng.key"].dtype == np.uint32
+
+    monkeypatch.setattr(JaxTrainer, "train_step", original)
+    resumed = resume_run(run_dir)
+    assert resumed["loss_history"] == expected
+    assert resumed["knn_accuracy"] == full["knn_accuracy"]
+    assert resumed["linear_probe_accuracy"] == full["linear_probe_accuracy"]

@@ -125,7 +125,8 @@ def test_mask_partitions_and_restores(xp, inputs):
         assert np.array_equal(shuffle[row][restore[row]], np.arange(length))
         assert np.array_equal(np.flatnonzero(mask[row]), np.sort(masked[row]))
         assert keep.shape[1] == length - masked_count
-        # Kept patches have the smallest noise; among equal noise, lower indices.
+        # Kept patches have the smallest noise, and among equal noise the lowest
+        # indices.
         order = [(noise[row, i], i) for i in shuffle[row]]
         assert order == sorted(order)
 

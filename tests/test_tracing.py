@@ -66,6 +66,8 @@ def ignore_lru_cache_warning():
         yield
 
 
+# Importing inductor triggers torch's own deprecation warning for script_method.
+@pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")
 def test_nt_xent_under_torch_inductor():
     torch = pytest.importorskip("torch")
     # The default inductor backend generates and compiles C++; one small loss keeps

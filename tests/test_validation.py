@@ -285,7 +285,7 @@ def test_unpatchify_rejects_bad_input(xp):
 
 
 def test_checks_run_before_computation():
-    # Shapes that a matrix product would reject: the library's own error would
-    # come first if any computation ran before the checks.
+    # A matrix product would reject these shapes, so the library's own error
+    # would come first if any computation ran before the checks.
     with pytest.raises(ValueError, match="z_a and z_b must have the same shape"):
         sslspec.barlow_twins_loss(np.ones((4, 3)), np.ones((5, 2)))

@@ -19,7 +19,7 @@ __all__ = ["JaxBackend", "device_name", "jax_device", "list_devices"]
 logger = logging.getLogger(__name__)
 
 # jax.Device.platform -> the prefix used in device strings. JAX calls CUDA and
-# ROCm devices "gpu"; they are named "cuda" here, as PyTorch names both.
+# ROCm devices "gpu", and they are named "cuda" here, as PyTorch names both.
 _PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "rocm": "cuda"}
 _ACCELERATOR_ALIASES = {"cuda": "cuda", "gpu": "cuda", "tpu": "tpu"}
 
@@ -143,10 +143,13 @@ class JaxBackend:
         Without ``dtype``, a float64 array becomes float32 unless 64-bit mode is
         enabled, as everywhere in JAX.
         """
+        target = jax_device(resolve_device(device)) if device is not None else None
+        if isinstance(array, jax.Array):
+            converted = array if dtype is None else array.astype(_jax_dtype(dtype))
+            return converted if target is None else jax.device_put(converted, target)
         host = np.asarray(array)
         if dtype is not None:
             host = host.astype(_jax_dtype(dtype))
-        target = jax_device(resolve_device(device)) if device is not None else None
         return jax.device_put(host, target)
 
     def to_numpy(self, array: Any) -> np.ndarray:

@@ -8,16 +8,18 @@ normalises with statistics over the global batch.
 
 How the gradient comes out right: ``jax.shard_map`` checks by default
 (``check_vma=True``) which values vary across the mesh axis. A loss that ends in
-``psum`` is the same on every device, and parameters passed unsharded
-(``PartitionSpec()``) are too. ``jax.grad`` taken inside the mapped function of
-such a loss with respect to such parameters transposes the implicit broadcast of
+``psum`` is the same on every device, and so are parameters passed unsharded
+(``PartitionSpec()``). Take ``jax.grad`` of such a loss with respect to such
+parameters inside the mapped function: JAX transposes the implicit broadcast of
 the parameters into a ``psum`` of the per-device contributions, so every device
-receives the gradient of the global loss itself, with no ``world_size`` factor
-and no ``pmean`` to add. The same holds for ``jax.grad`` taken outside
-``shard_map``. Without that check (``check_vma=False``, or ``jax.pmap``) the
-transpose of ``psum`` is another ``psum`` and the per-device gradients follow
-:mod:`sslspec.distributed`'s convention (``world_size`` times the slice's share),
-which then need a ``pmean``; :func:`data_parallel` keeps the check on.
+receives the gradient of the global loss itself. There is no ``world_size``
+factor and no ``pmean`` to add. ``jax.grad`` of the whole ``shard_map`` taken
+outside it gives the same gradient. Without the check (``check_vma=False``, or
+``jax.pmap``), the transpose of ``psum`` is another ``psum``, so a gradient taken
+inside is this device's share in :mod:`sslspec.distributed`'s convention
+(``world_size`` times the share of its slice) and needs a ``pmean``. The tests
+show that skipping it changes the step, and :func:`data_parallel` keeps the check
+on.
 
 Multi-host: call ``jax.distributed.initialize()`` at the start of every host
 process (it reads the coordinator address, process count and process id from the
@@ -62,7 +64,10 @@ class MeshCollective:
     """The :class:`sslspec.distributed.Collective` of a device inside
     ``jax.shard_map`` (or ``jax.pmap``) over the mesh axis ``axis_name``.
 
-    The rank is ``jax.lax.axis_index``, a traced 0-D integer array.
+    The rank is ``jax.lax.axis_index``, a traced 0-D integer array, so it can be
+    read only inside the mapped function. NOTE: ``isinstance(collective,
+    Collective)`` reads it on Python before 3.12, so run that check (and the
+    losses, which make it) inside the mapped function too.
 
     Parameters
     ----------
@@ -169,7 +174,7 @@ def rank_key(key: jax.Array, axis_name: str = DATA_AXIS) -> jax.Array:
     """Return a key for this device's own random numbers inside ``shard_map``.
 
     A key passed unsharded is the same on every device, so draws from it would
-    repeat on every shard; folding in ``axis_index`` gives each device its own
+    repeat on every shard. Folding in ``axis_index`` gives each device its own
     stream.
     """
     return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
@@ -185,7 +190,7 @@ def data_parallel(
     """Map ``function`` over the devices of ``mesh`` with the batch sharded.
 
     The positional arguments listed in ``batch_argnums`` (pytrees whose arrays
-    have a batch axis 0) are split along ``axis_name``; every other argument and
+    have a batch axis 0) are split along ``axis_name``. Every other argument and
     every output is the same on all devices (``PartitionSpec()``).
     ``shard_map``'s variance check stays on, so an output that still differs
     between devices (a local loss, a batch statistic without ``psum``, a gradient
@@ -228,10 +233,10 @@ class SyncBatchNorm(BatchNorm):
 
     In training mode the mean and the biased variance of each feature are
     averaged over the devices of ``axis_name`` with ``jax.lax.psum``, in two
-    passes (mean, then mean squared deviation), so every device normalises with
-    the global-batch statistics and pushes the same running statistics (the
-    unbiased global variance, as the canonical batch norm). It must then run
-    inside ``shard_map`` or ``pmap`` over that axis, with the same local batch
+    passes (mean, then mean squared deviation). Every device then normalises with
+    the global-batch statistics and pushes the same running statistics, with the
+    unbiased global variance as in the canonical batch norm. Training mode must
+    run inside ``shard_map`` or ``pmap`` over that axis, with the same local batch
     size on every device. Evaluation mode uses the running statistics and needs
     no axis. Variables and their paths are those of ``BatchNorm``, so
     checkpoints are unchanged.

@@ -377,8 +377,8 @@ class MAEDecoder(nnx.Module):
         if side * side == description.num_patches:
             self.pos_embed = nnx.Param(_sincos(dim, (side, side)))
         else:
-            # NOTE: the description holds no grid shape, so a non-square patch grid
-            # is embedded as a single row.
+            # NOTE: the description has no grid shape, so a non-square patch grid
+            # is embedded as a single row, as the PyTorch backend does.
             self.pos_embed = nnx.Param(_sincos(dim, (1, description.num_patches)))
         self.blocks = nnx.List(
             [
@@ -514,7 +514,7 @@ def canonical_to_state(
     strict: bool = True,
     device: jax.Device | None = None,
 ) -> nnx.State:
-    """Return a copy of ``state`` whose variables hold the canonical ``params``.
+    """Return a copy of ``state`` whose variables contain the canonical ``params``.
 
     Parameters
     ----------
@@ -601,7 +601,7 @@ def from_canonical(
     dtype: Any = jnp.float32,
     device: jax.Device | None = None,
 ) -> nnx.Module:
-    """Build the NNX module for ``description`` holding the canonical ``params``.
+    """Build the NNX module for ``description`` with the canonical ``params``.
 
     Parameters are not initialised randomly first: the module is traced abstractly
     and then filled from ``params``.

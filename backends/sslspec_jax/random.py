@@ -15,10 +15,10 @@ class KeyRandom:
     """Source of uniform and normal draws that splits a JAX key on every call.
 
     It implements the augmentations' random-source protocol (``uniform(shape)``
-    and ``normal(shape)``). The key is held as Python state, so inside a traced
-    function the sequence of splits is fixed at trace time: the same starting key
-    gives the same draws in every call of the compiled function, and a new key per
-    step gives new draws without recompiling.
+    and ``normal(shape)``). The key is Python state, so inside a traced function
+    the sequence of splits is fixed at trace time. The same starting key gives the
+    same draws in every call of the compiled function, and a new key per step
+    gives new draws without recompiling.
 
     Parameters
     ----------

@@ -62,14 +62,14 @@ def method_loss(
 ) -> jax.Array:
     """Compute the training loss of ``config.method`` on one batch.
 
-    ``online`` (and for BYOL ``target``) is an :class:`flax.nnx.Dict` of the
-    networks keyed by canonical prefix, in training mode; their batch statistics
-    are updated in place. Both augmented views go through the networks as one
-    batch, so batch norm normalises with statistics over both views, as the
-    PyTorch trainer does. Embeddings are cast to float32 before the loss.
+    ``online`` (and for BYOL ``target``) is an :class:`flax.nnx.Dict` that maps
+    canonical prefixes to networks in training mode, whose batch statistics are
+    updated in place. Both augmented views go through the networks as one batch,
+    so batch norm normalises with statistics over both views, as the PyTorch
+    trainer does. Embeddings are cast to float32 before the loss.
 
     ``stop_target_gradient=False`` lets gradients flow into BYOL's target
-    branch; it exists only to show in tests that the default blocks them.
+    branch. It exists only so that tests can show that the default blocks them.
     """
     if config.method == "mae":
         return _mae_loss(config, online, batch, random)
@@ -267,8 +267,8 @@ class _CompileCache:
 
 
 _CACHE = _CompileCache()
-# Config fields that do not change the compiled functions: the seed enters through
-# the key and the initial parameters, which are inputs; the epoch count only
+# Config fields that do not change the compiled functions. The seed only sets the
+# key and the initial parameters, which are inputs. The epoch count only matters
 # through total_steps, which is part of the key.
 _GRAPH_INDEPENDENT_OPTIONS = frozenset({"backend", "data", "device", "epochs", "seed"})
 
@@ -414,7 +414,7 @@ class JaxTrainer:
         """Return the compiled step for this batch shape, compiling it on first
         use (and again if ``self.config`` is replaced)."""
         if self._optimizer_config is not self.config:
-            # The schedule is built from the config; the optimiser state is not.
+            # The schedule depends on the config, but the optimiser state does not.
             self._optimizer = build_optimizer(self.config)
             self._optimizer_config = self.config
         key = self._cache_key("train", tuple(batch.shape), str(batch.dtype))
@@ -518,8 +518,8 @@ class JaxTrainer:
     def encode(self, inputs: np.ndarray) -> np.ndarray:
         """Return the encoder's features ``(N, D)`` as float32, in evaluation mode.
 
-        Batch norm uses its running statistics. The MAE encoder sees every patch
-        and its normed tokens are averaged. Inputs go through in batches of
+        Batch norm uses its running statistics. The MAE encoder takes every patch
+        (no mask) and its normed tokens are averaged. Inputs go through in batches of
         :data:`ENCODE_BATCH_SIZE`; the last one is zero-padded to that size, so
         one compiled function serves every batch (padding cannot change other
         rows, since nothing mixes samples in evaluation mode).
@@ -568,11 +568,14 @@ class JaxTrainer:
         """Return networks, optimiser and random state as NumPy arrays.
 
         Names follow the PyTorch trainer, so both backends read each other's
-        optimiser state: ``{network}.{canonical name}`` for every parameter and
-        buffer (BYOL's target networks included), ``optimizer.exp_avg.{parameter}``
-        and ``optimizer.exp_avg_sq.{parameter}`` (AdamW's first and second moments
-        in the canonical layout), ``optimizer.step`` (steps taken, int64) and
-        ``rng.key`` (the raw data of the JAX key, uint32).
+        optimiser state. The entries are:
+
+        - ``{network}.{canonical name}`` for every parameter and buffer, BYOL's
+          target networks included;
+        - ``optimizer.exp_avg.{parameter}`` and ``optimizer.exp_avg_sq.{parameter}``,
+          AdamW's first and second moments in the canonical layout;
+        - ``optimizer.step``, the number of steps taken (int64);
+        - ``rng.key``, the raw data of the JAX key (uint32).
         """
         state = self._network_arrays()
         adam = self._adam_state()
@@ -588,9 +591,9 @@ class JaxTrainer:
 
         The ``optimizer.`` group is optional as a whole and must be complete when
         present, so a state with only network tensors loads the weights and keeps
-        the optimiser. ``rng.key`` restores the JAX key; random state of another
-        backend (``rng.`` entries without ``rng.key``) cannot seed a JAX key and is
-        skipped with a log message.
+        the optimiser. ``rng.key`` restores the JAX key. Random state of another
+        backend (``rng.`` entries without ``rng.key``) cannot seed a JAX key, so it
+        is skipped with a log message.
 
         Raises
         ------

@@ -1,6 +1,6 @@
 """Data-parallel training on ``torch.distributed``, equal to one device.
 
-Every rank holds one contiguous slice of each global batch. The losses of
+Every rank processes one contiguous slice of each global batch. The losses of
 :mod:`sslspec` take a :class:`TorchCollective` and return the global-batch loss on
 every rank, and the gradient with respect to a rank's local inputs is
 ``world_size`` times the global-loss gradient for that slice (the convention of
@@ -50,16 +50,21 @@ from sslspec.data import epoch_batches
 from sslspec.data import steps_per_epoch as count_steps
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "LOOPBACK_ADDRESS",
     "DistributedBatchSampler",
     "DistributedEnvironment",
     "LaunchError",
     "SyncBatchNorm",
     "TorchCollective",
+    "all_gather",
+    "all_reduce_sum",
     "convert_sync_batchnorm",
     "destroy_process_group",
     "init_process_group",
     "launch",
     "loopback_interface",
+    "process_group",
     "rank_slice",
     "wrap_ddp",
 ]
@@ -79,7 +84,7 @@ _ENVIRONMENT_VARIABLES = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
-# Backends with a native reduce-scatter; others get all-reduce followed by a slice.
+# Backends with a native reduce-scatter. Others get an all-reduce and a slice.
 _REDUCE_SCATTER_BACKENDS = ("nccl", "xccl")
 
 
@@ -91,7 +96,7 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
 
 
 class _AllGather(torch.autograd.Function):
-    """Concatenate ``x`` from every rank along axis 0; the backward pass sums the
+    """Concatenate ``x`` from every rank along axis 0. The backward pass sums the
     upstream gradients of all ranks for this rank's slice."""
 
     @staticmethod
@@ -119,7 +124,7 @@ class _AllGather(torch.autograd.Function):
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum ``x`` over ranks; the backward pass sums the upstream gradients."""
+    """Sum ``x`` over ranks. The backward pass sums the upstream gradients."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup | None) -> Any:
@@ -157,7 +162,7 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch
 def all_reduce_sum(
     x: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    """Sum ``x`` over the ranks of ``group``; the gradient is the sum over ranks of
+    """Sum ``x`` over the ranks of ``group``. The gradient is the sum over ranks of
     the upstream gradient."""
     return _AllReduceSum.apply(x, group)
 
@@ -201,7 +206,8 @@ class TorchCollective:
 
 @dataclass(frozen=True)
 class DistributedEnvironment:
-    """Where this process sits in a data-parallel job."""
+    """Rank, world size, local rank, backend and device of this process in a
+    data-parallel job."""
 
     rank: int
     world_size: int
@@ -311,7 +317,7 @@ def init_process_group(
     device : {"auto", "cpu", "cuda"}
         ``"auto"`` picks CUDA when a GPU is visible.
     backend : str, optional
-        ``"gloo"``, ``"nccl"`` or another backend torch knows.
+        ``"gloo"``, ``"nccl"`` or another backend of ``torch.distributed``.
     timeout : datetime.timedelta
         How long a collective waits for the other ranks before it raises, so a
         rank that dies makes the others fail instead of hang.
@@ -430,9 +436,9 @@ class DistributedBatchSampler:
     """Local sample indices of each step: this rank's slice of every global batch.
 
     The global batches are those of :func:`sslspec.data.epoch_batches` for
-    ``(seed, epoch)``, the ones a single-process run sees, and rank ``r`` takes
-    :func:`rank_slice` of each. Call :meth:`set_epoch` before each epoch, as with
-    ``torch.utils.data.DistributedSampler``.
+    ``(seed, epoch)``, which are the batches of a single-process run, and rank
+    ``r`` takes :func:`rank_slice` of each. Call :meth:`set_epoch` before each
+    epoch, as with ``torch.utils.data.DistributedSampler``.
 
     Parameters
     ----------
@@ -499,7 +505,7 @@ class SyncBatchNorm(_BatchNorm):
     momentum * batch_stat`` with the unbiased variance, as
     ``torch.nn.BatchNorm1d`` does on one device. Gradients flow through both
     all-reduces. In evaluation mode, or without a process group of more than one
-    rank, it is ``torch.nn.BatchNorm``.
+    rank, it computes what ``torch.nn.BatchNorm1d`` and ``BatchNorm2d`` compute.
 
     Unlike ``torch.nn.SyncBatchNorm``, it runs on any device and backend,
     including CPU tensors on gloo. Statistics are computed in float32 at least,
@@ -574,6 +580,8 @@ class SyncBatchNorm(_BatchNorm):
         sums = torch.cat([x.sum(dim=axes), x.new_full((1,), float(local_count))], dim=0)
         sums = all_reduce_sum(sums, self.process_group)
         count = sums[-1]
+        # NOTE: reading the count on the host waits for the device, once per layer
+        # and step. Summing it supports ranks with different local batch sizes.
         global_count = int(count.detach().round().item())
         if global_count < 2:
             raise ValueError(
@@ -729,7 +737,7 @@ def _loopback_store() -> tuple[int, dist.TCPStore]:
     torch's rendezvous code creates its ``TCPStore`` servers without a bind
     address, so they listen on every interface. A server created here with
     ``multi_tenant=True`` on a socket bound to loopback is reused by the static
-    rendezvous, which asks for a multi-tenant store on the same host and port.
+    rendezvous, which requests a multi-tenant store on the same host and port.
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind((LOOPBACK_ADDRESS, 0))

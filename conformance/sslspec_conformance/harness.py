@@ -27,6 +27,14 @@ __all__ = [
     "spec_function",
 ]
 
+#: Bit width and machine epsilon of each floating dtype the suite knows.
+FLOAT_FORMATS = {
+    "float64": (64, 2.0**-52),
+    "float32": (32, 2.0**-23),
+    "float16": (16, 2.0**-10),
+    "bfloat16": (16, 2.0**-7),
+}
+
 #: Measurements of the test now running, or None outside a conformance test.
 _measurements: dict[str, Any] | None = None
 
@@ -85,8 +93,9 @@ def sensitivity(
 
     Evaluates the reference ``function`` with every input array and every stored
     intermediate value (see :mod:`sslspec_conformance.rounding`) multiplied
-    elementwise by ``1 + h * delta``, ``delta`` uniform on ``[-1, 1]`` and ``h``
-    from :func:`~sslspec_conformance.tolerances.perturbation_step`, and returns the
+    elementwise by ``1 + h * delta``, once with ``delta = 1`` everywhere and
+    ``samples`` times with ``delta`` uniform on ``[-1, 1]``, where ``h`` comes
+    from :func:`~sslspec_conformance.tolerances.perturbation_step`. Returns the
     largest change of each result entry divided by ``h``. A tuple of arrays gives
     the largest change over all of them, as one number.
     """
@@ -94,9 +103,15 @@ def sensitivity(
     rng = np.random.default_rng(seed)
     base = function(*arrays, **options)
     largest: Any = 0.0
-    for _ in range(samples):
-        inputs = [a * (1.0 + step * rng.uniform(-1.0, 1.0, np.shape(a))) for a in arrays]
-        with perturbed(step, rng):
+    for sample in range(samples + 1):
+        # Sample 0 scales every value by 1 + h, as a shared rounding error would;
+        # the others draw an independent factor per value.
+        generator = None if sample == 0 else rng
+        if generator is None:
+            inputs = [a * (1.0 + step) for a in arrays]
+        else:
+            inputs = [a * (1.0 + step * rng.uniform(-1.0, 1.0, np.shape(a))) for a in arrays]
+        with perturbed(step, generator):
             moved = function(*inputs, **options)
         if isinstance(base, tuple):
             change = max(
@@ -147,7 +162,23 @@ class Harness:
         which is what the reference receives.
         """
         converted = [self.asarray(a, dtype) for a in arrays]
+        for array in converted:
+            self.assert_dtype(array, dtype, what="backend.asarray")
         return converted, [self.numpy(a) for a in converted]
+
+    def assert_dtype(self, array: Any, dtype: str, *, what: str) -> None:
+        """Check that ``array`` has the floating dtype named ``dtype``.
+
+        Compares the bit width and machine epsilon from the namespace's ``finfo``,
+        which tells bfloat16 from float16 without the namespace naming either.
+        """
+        bits, eps = FLOAT_FORMATS[dtype]
+        info = self.xp.finfo(array.dtype)
+        if info.bits != bits or float(info.eps) != eps:
+            raise ConformanceError(
+                f"{what}: requested dtype {dtype}, got {array.dtype} "
+                f"({info.bits} bits, eps {float(info.eps):g})"
+            )
 
     def assert_like(
         self, result: Any, like: Any, *, shape: tuple[int, ...], what: str

@@ -28,7 +28,7 @@ PROFILES = {
 
 #: Examples per test for each kind of check.
 EXAMPLES = {
-    "ci": {"value": 12, "gradient": 8, "jit": 2, "network": 4, "exact": 12},
+    "ci": {"value": 10, "gradient": 5, "jit": 2, "network": 3, "exact": 10},
     "thorough": {"value": 2000, "gradient": 500, "jit": 25, "network": 100, "exact": 2000},
 }
 

@@ -20,23 +20,35 @@ import numpy as np
 
 __all__ = ["stored", "perturbed"]
 
-_perturbation: tuple[float, np.random.Generator] | None = None
+_perturbation: tuple[float, np.random.Generator | None] | None = None
+
+
+def _factors(shape: tuple[int, ...]) -> Any:
+    step, rng = _perturbation
+    if rng is None:
+        return 1.0 + step
+    return 1.0 + step * rng.uniform(-1.0, 1.0, shape)
 
 
 def stored(value: Any) -> Any:
     """Return ``value``, or inside :func:`perturbed` a perturbed copy of it."""
     if _perturbation is None:
         return value
-    step, rng = _perturbation
     if np.ndim(value) == 0:
-        return float(value) * (1.0 + step * rng.uniform(-1.0, 1.0))
+        return float(value) * float(_factors(()))
     array = np.asarray(value, dtype=np.float64)
-    return array * (1.0 + step * rng.uniform(-1.0, 1.0, array.shape))
+    return array * _factors(array.shape)
 
 
 @contextmanager
-def perturbed(step: float, rng: np.random.Generator) -> Iterator[None]:
-    """Perturb every value passed to :func:`stored` by a relative ``step``."""
+def perturbed(step: float, rng: np.random.Generator | None) -> Iterator[None]:
+    """Perturb every value passed to :func:`stored` by a relative ``step``.
+
+    With a generator each entry gets its own random factor; with ``rng=None``
+    every entry is multiplied by ``1 + step``, the coherent perturbation that a
+    rounding error shared by many values (a rounded ``1 / temperature``, say)
+    causes.
+    """
     global _perturbation
     previous = _perturbation
     _perturbation = (step, rng)

@@ -9,10 +9,11 @@ Every strategy takes the dtype under test and keeps to its
 :class:`~sslspec_conformance.tolerances.Domain`: no value above ``max_magnitude``,
 and every row either exactly zero or of norm at least ``min_row_norm``.
 
-Sizes come from :func:`sizes`. Under the ``thorough`` profile it draws every size
-in a range; under ``ci`` it picks from a short menu of the range's ends and the
-sizes around 16, so that frameworks that compile a kernel per shape (JAX runs every
-operation that way, even outside ``jit``) reuse their kernels across examples.
+Sizes come from :func:`sizes` and :func:`embedding_shapes`. Under the ``thorough``
+profile they draw every size in a range; under ``ci`` they pick from a short menu
+of the range's ends and sizes just above 16, so that frameworks that compile a
+kernel per shape (JAX runs every operation that way, even outside ``jit``) reuse
+their kernels across examples.
 """
 
 from __future__ import annotations
@@ -85,6 +86,25 @@ def sizes(min_value: int, max_value: int, menu: tuple[int, ...] = ()):
     if max_value <= 16 or min_value > 16:
         return st.integers(min_value, max_value)
     return st.one_of(st.integers(min_value, 16), st.integers(17, max_value))
+
+
+#: (batch, dim) pairs of embeddings under ``ci``: both minima, a batch and a
+#: dimension just above 16 on either side of each other, and both maxima.
+CI_EMBEDDING_SHAPES = ((2, 1), (3, 17), (17, 3), (MAX_BATCH, MAX_DIM))
+
+
+def embedding_shapes(
+    min_batch: int = MIN_BATCH, max_batch: int = MAX_BATCH, max_dim: int = MAX_DIM
+):
+    """(batch, dim) shapes of embeddings."""
+    if profiles.active() == "ci":
+        menu = [
+            (n, d)
+            for n, d in CI_EMBEDDING_SHAPES
+            if min_batch <= n <= max_batch and d <= max_dim
+        ]
+        return st.sampled_from(menu or [(min_batch, 1)])
+    return st.tuples(batch_sizes(min_batch, max_batch), dims(max_dim))
 
 
 def batch_sizes(min_value: int = MIN_BATCH, max_value: int = MAX_BATCH):
@@ -175,8 +195,7 @@ def embeddings(
     of it, identical to it, or its negation.
     """
     limits = domain(dtype)
-    size = draw(batch_sizes(min_batch, max_batch), label="batch")
-    dim = draw(dims(max_dim), label="dim")
+    size, dim = draw(embedding_shapes(min_batch, max_batch, max_dim), label="shape")
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
     distribution = draw(st.sampled_from(["normal", "uniform", "positive"]))
     magnitude = draw(_magnitudes(limits), label="magnitude")

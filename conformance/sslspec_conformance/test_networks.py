@@ -177,6 +177,7 @@ NETWORK_CHECKS = [
 ]
 
 
+@pytest.mark.sslspec_function("apply_network", dtype=NETWORK_DTYPE)
 @pytest.mark.parametrize(
     "function, train",
     [(f"apply_network[{kind}]", train) for kind, train in NETWORK_CHECKS],
