@@ -210,7 +210,7 @@ def test_resume_missing_run(tmp_path):
 def test_existing_run_folder_is_not_overwritten(tmp_path, digits_file):
     run_dir = tmp_path / "run"
     pretrain(small_config(digits_file, epochs=1), out_dir=run_dir)
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already contains a run"):
         pretrain(small_config(digits_file, epochs=1), out_dir=run_dir)
 
 

@@ -420,3 +420,21 @@ def test_batch_of_wrong_shape(backend):
     trainer = backend.create_trainer(small_config("simclr"), sample_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=r"batch must have shape \(B, 1, 8, 8\)"):
         trainer.train_step(np.zeros((4, 1, 6, 6), dtype=np.float32))
+
+
+def test_foreign_random_state_is_ignored(backend, caplog):
+    trainer = backend.create_trainer(small_config("simclr"), sample_shape=(1, 8, 8))
+    state = trainer.state_dict()
+    generator_state = state.pop("rng.augment")
+    state["rng.key"] = np.zeros(2, dtype=np.uint32)
+    trainer.load_state_dict(state)
+    assert "rng.key is not a torch.Generator state" in caplog.text
+    np.testing.assert_array_equal(trainer.state_dict()["rng.augment"], generator_state)
+
+
+def test_misshapen_random_state(backend):
+    trainer = backend.create_trainer(small_config("simclr"), sample_shape=(1, 8, 8))
+    state = trainer.state_dict()
+    state["rng.augment"] = np.zeros(16, dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"rng.augment has shape \(16,\)"):
+        trainer.load_state_dict(state)

@@ -338,10 +338,12 @@ class TorchTrainer:
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore :meth:`state_dict` output.
 
-        The ``optimizer.`` and ``rng.`` groups are optional as a whole, so a state
-        with only network tensors (for example from another backend, or for
-        evaluation) loads the weights and leaves the optimiser and generator as
-        they are. A group that is present must be complete.
+        The ``optimizer.`` group is optional as a whole, so a state with only
+        network tensors (for example for evaluation) loads the weights and leaves
+        the optimiser as it is; a group that is present must be complete.
+        ``rng.augment`` restores the generator. Random state of another backend
+        (``rng.`` entries without ``rng.augment``) cannot seed a
+        ``torch.Generator``, so it is ignored with a warning.
 
         Raises
         ------
@@ -381,10 +383,22 @@ class TorchTrainer:
         given = {name for name in state if name.startswith("optimizer.")}
         if given:
             problems += _group_problems(state, optimizer_names)
-        rng_state = self.generator.get_state()
-        rng_names = {"rng.augment": tuple(rng_state.shape)}
-        if any(name.startswith("rng.") for name in state):
-            problems += _group_problems(state, rng_names)
+        rng_shape = tuple(self.generator.get_state().shape)
+        if "rng.augment" in state and np.shape(state["rng.augment"]) != rng_shape:
+            problems.append(
+                f"rng.augment has shape {np.shape(state['rng.augment'])}, expected "
+                f"{rng_shape}; the generator state of a {self.device.type} device "
+                f"cannot be restored from another kind of device"
+            )
+        foreign = [
+            name for name in state if name.startswith("rng.") and name != "rng.augment"
+        ]
+        if foreign and "rng.augment" not in state:
+            logger.warning(
+                "random state %s is not a torch.Generator state, so the generator "
+                "keeps its current state",
+                ", ".join(foreign),
+            )
         if problems:
             raise ValueError(
                 "state does not match this trainer: " + "; ".join(problems)

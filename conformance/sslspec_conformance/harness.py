@@ -9,6 +9,8 @@ the tolerance, which the plugin reports per test.
 
 from __future__ import annotations
 
+import itertools
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,10 +23,12 @@ __all__ = [
     "Harness",
     "ConformanceError",
     "sensitivity",
+    "perturbed_results",
     "begin_recording",
     "end_recording",
     "record",
     "spec_function",
+    "fresh_copy",
 ]
 
 #: Bit width and machine epsilon of each floating dtype the suite knows.
@@ -80,7 +84,7 @@ def spec_function(name: str) -> Callable[..., Any]:
         ) from None
 
 
-def sensitivity(
+def perturbed_results(
     function: Callable[..., Any],
     arrays: Sequence[np.ndarray],
     options: dict[str, Any],
@@ -88,40 +92,78 @@ def sensitivity(
     *,
     samples: int = 2,
     seed: int = 0,
-) -> np.ndarray:
-    """Estimate how far rounding in ``dtype`` can move ``function``'s result.
+) -> tuple[Any, list[Any], float]:
+    """Evaluate the reference ``function`` exactly and under rounding.
 
-    Evaluates the reference ``function`` with every input array and every stored
+    Returns the exact result, the results with every input array and every stored
     intermediate value (see :mod:`sslspec_conformance.rounding`) multiplied
-    elementwise by ``1 + h * delta``, once with ``delta = 1`` everywhere and
-    ``samples`` times with ``delta`` uniform on ``[-1, 1]``, where ``h`` comes
-    from :func:`~sslspec_conformance.tolerances.perturbation_step`. Returns the
-    largest change of each result entry divided by ``h``. A tuple of arrays gives
-    the largest change over all of them, as one number.
+    elementwise by ``1 + h * delta``, and ``h``. The first perturbed result uses
+    ``delta = 1`` everywhere, as a rounding error shared by many values would; the
+    other ``samples`` draw ``delta`` uniform on ``[-1, 1]`` per value. ``h`` comes
+    from :func:`~sslspec_conformance.tolerances.perturbation_step`.
     """
     step = perturbation_step(dtype)
     rng = np.random.default_rng(seed)
-    base = function(*arrays, **options)
-    largest: Any = 0.0
+    exact = function(*arrays, **options)
+    moved = []
     for sample in range(samples + 1):
-        # Sample 0 scales every value by 1 + h, as a shared rounding error would;
-        # the others draw an independent factor per value.
         generator = None if sample == 0 else rng
         if generator is None:
             inputs = [a * (1.0 + step) for a in arrays]
         else:
             inputs = [a * (1.0 + step * rng.uniform(-1.0, 1.0, np.shape(a))) for a in arrays]
         with perturbed(step, generator):
-            moved = function(*inputs, **options)
-        if isinstance(base, tuple):
+            moved.append(function(*inputs, **options))
+    return exact, moved, step
+
+
+def sensitivity(
+    function: Callable[..., Any],
+    arrays: Sequence[np.ndarray],
+    options: dict[str, Any],
+    dtype: str,
+    **sampling: Any,
+) -> np.ndarray:
+    """Estimate how far rounding in ``dtype`` can move ``function``'s result.
+
+    Returns the largest change of each result entry over
+    :func:`perturbed_results`, divided by ``h``. A tuple of arrays gives the
+    largest change over all of them, as one number.
+    """
+    exact, moved, step = perturbed_results(function, arrays, options, dtype, **sampling)
+    largest: Any = 0.0
+    for result in moved:
+        if isinstance(exact, tuple):
             change = max(
-                float(np.max(np.abs(np.asarray(m) - np.asarray(b)), initial=0.0))
-                for m, b in zip(moved, base, strict=True)
+                float(np.max(np.abs(np.asarray(m) - np.asarray(e)), initial=0.0))
+                for m, e in zip(result, exact, strict=True)
             )
         else:
-            change = np.abs(np.asarray(moved) - np.asarray(base))
+            change = np.abs(np.asarray(result) - np.asarray(exact))
         largest = np.maximum(largest, change / step)
     return np.asarray(largest, dtype=np.float64)
+
+
+_copies = itertools.count()
+
+
+def fresh_copy(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Return a copy of ``function`` with a code object of its own.
+
+    Compilers cache per code object and may stop compiling a function that has
+    been recompiled often (``torch.compile`` falls back to eager execution after
+    ``torch._dynamo.config.recompile_limit`` recompilations, 8 by default), so
+    the suite compiles a fresh copy in every example.
+    """
+    code = function.__code__
+    renamed = code.replace(co_name=f"{code.co_name}_copy{next(_copies)}")
+    return types.FunctionType(
+        renamed,
+        function.__globals__,
+        renamed.co_name,
+        function.__defaults__,
+        function.__closure__,
+    )
 
 
 class Harness:
@@ -139,6 +181,10 @@ class Harness:
         self.backend = backend
         self.device = device
         self.xp = backend.namespace()
+
+    def jit(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Return ``backend.jit`` of a fresh copy of ``function``."""
+        return self.backend.jit(fresh_copy(function))
 
     def has(self, capability: str) -> bool:
         """Return whether the backend declares ``capability``."""
@@ -212,6 +258,7 @@ class Harness:
         dtype: str,
         sensitivity: Any = 0.0,
         kind: str = "value",
+        envelope: Sequence[Any] = (),
         what: str,
     ) -> float:
         """Compare ``actual`` with the reference ``expected`` under the tolerance
@@ -220,6 +267,11 @@ class Harness:
         ``kind`` picks the column of the table: ``"value"`` compares entry by
         entry with ``scale = max(|expected|, sensitivity)``; ``"gradient"`` and
         ``"network"`` use one scale for the whole array, its largest entry.
+        ``envelope`` holds further reference results (at inputs moved by
+        rounding): the error of an entry is then its distance from the interval
+        that ``expected`` and those results span. Gradients use it, so that at a
+        kink (a hinge exactly at 0, say) either one-sided gradient, or any value
+        between them, passes.
         """
         actual = np.asarray(actual, dtype=np.float64)
         expected = np.asarray(expected, dtype=np.float64)
@@ -245,8 +297,13 @@ class Harness:
             raise ValueError(f"kind must be value, gradient or network, got {kind!r}")
 
         allowed = atol + rtol * scale
+        lower = expected
+        upper = expected
+        for other in envelope:
+            lower = np.minimum(lower, np.asarray(other, dtype=np.float64))
+            upper = np.maximum(upper, np.asarray(other, dtype=np.float64))
         with np.errstate(invalid="ignore"):
-            error = np.abs(actual - expected)
+            error = np.maximum(np.maximum(lower - actual, actual - upper), 0.0)
         error = np.where(np.isnan(error) | np.isinf(actual), np.inf, error)
         ratios = error / allowed
         worst = float(np.max(ratios, initial=0.0))

@@ -72,7 +72,7 @@ def test_generate_mask_jit(conformance, dtype, data):
     ratio = case.options["mask_ratio"]
     generate_mask = spec_function("generate_mask")
 
-    compiled = conformance.backend.jit(lambda x: generate_mask(x, mask_ratio=ratio))
+    compiled = conformance.jit(lambda x: generate_mask(x, mask_ratio=ratio))
     result = compiled(noise)
 
     _check_mask(conformance, result, noise, exact_noise, ratio, "compiled generate_mask")
@@ -146,7 +146,7 @@ def test_patchify_jit(conformance, dtype, data):
         cut = patchify(images, size)
         return cut, unpatchify(cut, size, image_size=(height, width))
 
-    cut, restored = conformance.backend.jit(round_trip)(batch)
+    cut, restored = conformance.jit(round_trip)(batch)
 
     expected = reference.patchify(exact, size)
     conformance.assert_like(cut, batch, shape=expected.shape, what="compiled patchify")

@@ -66,7 +66,7 @@ def test_ema_update_jit(conformance, dtype, data):
     online, target, momentum = _draw_parameters(conformance, data, dtype)
     ema_update = spec_function("ema_update")
 
-    compiled = conformance.backend.jit(
+    compiled = conformance.jit(
         lambda o, t: ema_update(o, t, momentum=momentum)
     )
     result = compiled(online, target)
