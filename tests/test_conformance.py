@@ -1,11 +1,11 @@
 """The conformance suite run on every backend, through its command and its plugin.
 
 Each installed backend runs the whole suite under the ``ci`` profile in a
-subprocess of ``python -m sslspec_conformance`` (the code behind
-``sslspec conformance``); the runs start together and the tests wait for their
-own. A minimal third-party backend, registered through an entry point in a
-temporary ``dist-info`` directory on ``PYTHONPATH``, shows that the suite runs on
-code outside this repository, catches a deviation, and honours expectation files.
+subprocess of ``python -m sslspec_conformance``, the code behind
+``sslspec conformance``. The runs start together and each test waits for its own.
+A minimal third-party backend, registered through an entry point in a temporary
+``dist-info`` directory on ``PYTHONPATH``, shows that the suite runs on code
+outside this repository, catches a deviation, and honours expectation files.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from sslspec.backend import BackendUnavailableError, load_backend
 from sslspec_conformance import expectations
 from sslspec_conformance.cli import format_table
-from sslspec_conformance.tolerances import TOLERANCES, format_table as tolerance_table
+from sslspec_conformance.tolerances import TOLERANCES
+from sslspec_conformance.tolerances import format_table as tolerance_table
+
+from sslspec.backend import BackendUnavailableError, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "conformance.md"
@@ -81,7 +82,9 @@ class BackendRuns:
             code = self.processes[name].wait()
             output = (self.directory / f"{name}.log").read_text()
             report_path = self.directory / f"{name}.json"
-            report = json.loads(report_path.read_text()) if report_path.is_file() else None
+            report = (
+                json.loads(report_path.read_text()) if report_path.is_file() else None
+            )
             self.results[name] = (code, output, report)
         return self.results[name]
 
@@ -362,9 +365,10 @@ def test_documented_example_is_complete():
     assert "minibackend/__init__.py" in files
     assert "minibackend-0.1.dist-info/entry_points.txt" in files
     assert "minibackend-0.1.dist-info/METADATA" in files
-    assert "mini = minibackend:MiniBackend" in files[
-        "minibackend-0.1.dist-info/entry_points.txt"
-    ]
+    assert (
+        "mini = minibackend:MiniBackend"
+        in files["minibackend-0.1.dist-info/entry_points.txt"]
+    )
     assert 'mini = "minibackend:MiniBackend"' in files["pyproject.toml"]
 
 
@@ -434,4 +438,6 @@ def test_third_party_deviation_fails_then_xfails(tmp_path):
         timeout=900,
     )
     assert expected.returncode == 0, expected.stdout[-6000:]
-    assert re.search(r"byol_loss\s+xfail\s+pass", expected.stdout), expected.stdout[-3000:]
+    assert re.search(r"byol_loss\s+xfail\s+pass", expected.stdout), expected.stdout[
+        -3000:
+    ]

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-
 from sslspec_conformance import reference as ref
 from sslspec_conformance import reference_gradients as grads
 from sslspec_conformance import reference_networks as nets
@@ -46,9 +45,9 @@ def test_normalize_rows_below_floor_divides_by_floor():
 
 def test_nt_xent_single_pair_is_zero():
     # With N = 1 each anchor's only other candidate is its positive.
-    assert ref.nt_xent_loss(np.array([[1.0, 2.0]]), np.array([[-3.0, 0.5]])) == pytest.approx(
-        0.0, abs=1e-15
-    )
+    assert ref.nt_xent_loss(
+        np.array([[1.0, 2.0]]), np.array([[-3.0, 0.5]])
+    ) == pytest.approx(0.0, abs=1e-15)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.1])
@@ -56,7 +55,9 @@ def test_nt_xent_identical_orthogonal_views(temperature):
     # Every anchor: positive similarity 1 / t, two others with similarity 0.
     views = np.stack([E1, E2])
     expected = -1.0 / temperature + math.log(math.exp(1.0 / temperature) + 2.0)
-    assert ref.nt_xent_loss(views, views, temperature=temperature) == pytest.approx(expected)
+    assert ref.nt_xent_loss(views, views, temperature=temperature) == pytest.approx(
+        expected
+    )
 
 
 def test_nt_xent_opposite_views():
@@ -176,12 +177,16 @@ def test_variance_hinge_closed_forms():
 
 def test_variance_target_and_eps():
     z = np.array([[1.0], [-1.0]])
-    assert ref.variance_loss(z, target_std=3.0, eps=0.5) == pytest.approx(3.0 - math.sqrt(2.5))
+    assert ref.variance_loss(z, target_std=3.0, eps=0.5) == pytest.approx(
+        3.0 - math.sqrt(2.5)
+    )
 
 
 def test_covariance_closed_forms():
     # Covariance [[2, 2], [2, 2]]: off-diagonal squares sum to 8, over D = 2.
-    assert ref.covariance_loss(np.array([[1.0, 1.0], [-1.0, -1.0]])) == pytest.approx(4.0)
+    assert ref.covariance_loss(np.array([[1.0, 1.0], [-1.0, -1.0]])) == pytest.approx(
+        4.0
+    )
     design = np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
     assert ref.covariance_loss(design) == pytest.approx(0.0, abs=1e-15)
 
@@ -259,7 +264,8 @@ def test_reconstruction_fractional_weights():
 
 
 def test_reconstruction_norm_pix():
-    # Patch [1, 3]: mean 2, unbiased variance 2, standardised to [-1, 1] / sqrt(2 + eps).
+    # Patch [1, 3]: mean 2, unbiased variance 2, standardised to
+    # [-1, 1] / sqrt(2 + eps).
     target = np.array([[[1.0, 3.0]]])
     value = ref.reconstruction_loss(
         np.zeros((1, 1, 2)), target, np.ones((1, 1)), norm_pix_loss=True, eps=1e-6
@@ -331,7 +337,13 @@ def _gradient_cases():
             (a, b),
             {"lambda_param": 0.1},
         ),
-        ("barlow stressed", ref.barlow_twins_loss, grads.barlow_twins_loss, (stressed, b), {}),
+        (
+            "barlow stressed",
+            ref.barlow_twins_loss,
+            grads.barlow_twins_loss,
+            (stressed, b),
+            {},
+        ),
         ("vicreg", ref.vicreg_loss, grads.vicreg_loss, (a, b), {}),
         ("vicreg stressed", ref.vicreg_loss, grads.vicreg_loss, (stressed, b), {}),
         ("invariance", ref.invariance_loss, grads.invariance_loss, (a, b), {}),
@@ -369,7 +381,9 @@ def test_gradient_matches_finite_differences(name, value, gradient, arrays, opti
     analytic = gradient(*arrays, **options)
     assert len(analytic) == len(arrays)
     for index in range(len(arrays)):
-        numeric = _finite_difference(lambda *xs: value(*xs, **options), list(arrays), index)
+        numeric = _finite_difference(
+            lambda *xs: value(*xs, **options), list(arrays), index
+        )
         scale = max(np.max(np.abs(numeric)), 1.0)
         np.testing.assert_allclose(analytic[index], numeric, rtol=0, atol=1e-6 * scale)
 
@@ -388,7 +402,7 @@ def test_reconstruction_gradient_without_masked_patch_is_zero():
     assert not grad_t.any()
 
 
-# Rounding model and sensitivity ---------------------------------------------------------
+# Rounding model and sensitivity ----------------------------------------------------
 
 
 def test_stored_is_identity_outside_perturbation():
@@ -464,9 +478,13 @@ def test_batch_norm_train_and_eval():
     }
     x = np.array([[1.0], [3.0]])
     train = nets.batch_norm(params, "n", x, train=True)
-    np.testing.assert_allclose(train[:, 0], [1.0 - 2.0 / math.sqrt(1 + 1e-5), 1.0 + 2.0 / math.sqrt(1 + 1e-5)])
+    np.testing.assert_allclose(
+        train[:, 0], [1.0 - 2.0 / math.sqrt(1 + 1e-5), 1.0 + 2.0 / math.sqrt(1 + 1e-5)]
+    )
     evaluated = nets.batch_norm(params, "n", x, train=False)
-    np.testing.assert_allclose(evaluated[:, 0], [1.0, 1.0 + 2.0 * 2.0 / math.sqrt(4 + 1e-5)])
+    np.testing.assert_allclose(
+        evaluated[:, 0], [1.0, 1.0 + 2.0 * 2.0 / math.sqrt(4 + 1e-5)]
+    )
 
 
 def test_layer_norm_standardises_last_axis():
@@ -495,7 +513,10 @@ def test_mlp_forward_closed_form():
     from sslspec.networks import MLP
 
     description = MLP(2, (), 2, batch_norm=False, output_activation=True)
-    params = {"layers.0.weight": np.array([[1.0, 0.0], [0.0, -1.0]]), "layers.0.bias": np.zeros(2)}
+    params = {
+        "layers.0.weight": np.array([[1.0, 0.0], [0.0, -1.0]]),
+        "layers.0.bias": np.zeros(2),
+    }
     out = nets.forward(description, params, np.array([[3.0, 4.0]]))
     assert out.tolist() == [[3.0, 0.0]]
 
@@ -506,8 +527,12 @@ def test_reference_networks_match_torch_functional():
     rng = np.random.default_rng(7)
     images = rng.standard_normal((2, 3, 6, 4))
     weight = rng.standard_normal((5, 3, 3, 3))
-    expected = functional.conv2d(torch.from_numpy(images), torch.from_numpy(weight), padding=1)
-    np.testing.assert_allclose(nets.conv3x3(weight, images), expected.numpy(), atol=1e-12)
+    expected = functional.conv2d(
+        torch.from_numpy(images), torch.from_numpy(weight), padding=1
+    )
+    np.testing.assert_allclose(
+        nets.conv3x3(weight, images), expected.numpy(), atol=1e-12
+    )
     x = rng.standard_normal((4, 7))
     np.testing.assert_allclose(
         nets.gelu(x), functional.gelu(torch.from_numpy(x)).numpy(), atol=1e-15
@@ -520,4 +545,6 @@ def test_reference_networks_match_torch_functional():
         torch.from_numpy(params["n.bias"]),
         eps=1e-6,
     )
-    np.testing.assert_allclose(nets.layer_norm(params, "n", x), expected.numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        nets.layer_norm(params, "n", x), expected.numpy(), atol=1e-12
+    )

@@ -1,9 +1,9 @@
 """The losses under test: how to draw inputs, call the spec and the reference.
 
-Each :class:`LossCase` ties a public loss of :mod:`sslspec` (looked up by name at
-run time, never imported here) to its reference value and analytic reference
-gradient, to the strategy that draws its inputs, and to the indices of the inputs
-its gradient is checked for.
+Each :class:`LossCase` ties a public loss of :mod:`sslspec` to its reference value
+and analytic reference gradient, to the strategy that draws its inputs, and to the
+indices of the inputs its gradient is checked for. The loss itself is looked up by
+name at run time and never imported here.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _single(dtype: str):
 
 def _nt_xent_inputs(dtype: str):
     return _with_options(
-        embeddings(dtype, count=2), st.fixed_dictionaries({"temperature": temperatures()})
+        embeddings(dtype, count=2),
+        st.fixed_dictionaries({"temperature": temperatures()}),
     )
 
 

@@ -1,10 +1,11 @@
 """The ``sslspec conformance`` command: run the suite on one backend and report.
 
 The command runs pytest in this process on the package ``sslspec_conformance``
-with the plugin's options, prints a table of function by dtype with the outcome and
-the worst error relative to the tolerance, optionally writes the report as JSON,
-and exits with 1 on any failure. Pytest runs with an empty configuration of its
-own, so the settings of the project in the current directory do not apply.
+with the plugin's options. It then prints a table of function by dtype with the
+outcome and the worst error relative to the tolerance, writes the report as JSON
+if asked to, and exits with 1 on any failure. Pytest runs with an empty
+configuration of its own, so the settings of the project in the current directory
+do not apply.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         "against a float64 NumPy reference.",
     )
     parser.add_argument(
-        "backend", help="backend name, as registered in the entry-point group "
-        "sslspec.backends (see `sslspec backends`)"
+        "backend",
+        help="backend name, as registered in the entry-point group "
+        "sslspec.backends (see `sslspec backends`)",
     )
     parser.add_argument(
         "--profile",
@@ -141,7 +143,11 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append([function, *(_cell(cells.get((function, d))) for d in columns)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        lines.append("  ".join(text.ljust(width) for text, width in zip(row, widths)))
+        lines.append(
+            "  ".join(
+                text.ljust(width) for text, width in zip(row, widths, strict=True)
+            )
+        )
     summary = report["summary"]
     counts = ", ".join(f"{summary[k]} {k}" for k in sorted(summary))
     lines += ["", f"tests: {counts or 'none'}"]
@@ -151,9 +157,9 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the conformance suite as ``sslspec conformance``; return the exit code.
 
-    Returns 0 when every check passed or failed as its expected-failure entry
-    says, 1 on any failure, and pytest's own code (2 to 5) when the run could not
-    start or collected nothing.
+    Returns 0 when every check passed or failed as an expectation file lists, 1 on
+    any failure, and pytest's own code (2 to 5) when the run could not start or
+    collected nothing.
     """
     import pytest
 
@@ -161,7 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sslspec-conformance-") as scratch:
         ini = Path(scratch) / "pytest.ini"
         ini.write_text("[pytest]\n", encoding="utf-8")
-        report_path = Path(args.report).resolve() if args.report else Path(scratch) / "report.json"
+        report_path = (
+            Path(args.report).resolve()
+            if args.report
+            else Path(scratch) / "report.json"
+        )
         code = int(pytest.main(_pytest_arguments(args, report_path, ini)))
         if not report_path.is_file():
             return code or 1

@@ -109,13 +109,17 @@ def load_file(path: str | Path, *, kind: str | None) -> list[Expectation]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ExpectationError(f"cannot read expectation file {path}: {error}") from None
+        raise ExpectationError(
+            f"cannot read expectation file {path}: {error}"
+        ) from None
     return parse(text, source=str(path), kind=kind)
 
 
 def builtin(backend_name: str) -> list[Expectation]:
     """Return the entries shipped for ``backend_name``, or none if it has no file."""
-    resource = resources.files("sslspec_conformance") / "expected" / f"{backend_name}.txt"
+    resource = (
+        resources.files("sslspec_conformance") / "expected" / f"{backend_name}.txt"
+    )
     if not resource.is_file():
         return []
     return parse(

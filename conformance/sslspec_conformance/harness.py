@@ -1,4 +1,4 @@
-"""What every conformance test uses: the backend under test and the checks.
+"""Backend wrapper and checks that every conformance test uses.
 
 :class:`Harness` wraps one backend and the device the suite runs on. It converts
 NumPy inputs to the backend's arrays and back, checks dtype, device and shape of
@@ -31,7 +31,7 @@ __all__ = [
     "fresh_copy",
 ]
 
-#: Bit width and machine epsilon of each floating dtype the suite knows.
+#: Bit width and machine epsilon of each floating dtype the suite supports.
 FLOAT_FORMATS = {
     "float64": (64, 2.0**-52),
     "float32": (32, 2.0**-23),
@@ -98,9 +98,9 @@ def perturbed_results(
     Returns the exact result, the results with every input array and every stored
     intermediate value (see :mod:`sslspec_conformance.rounding`) multiplied
     elementwise by ``1 + h * delta``, and ``h``. The first perturbed result uses
-    ``delta = 1`` everywhere, as a rounding error shared by many values would; the
-    other ``samples`` draw ``delta`` uniform on ``[-1, 1]`` per value. ``h`` comes
-    from :func:`~sslspec_conformance.tolerances.perturbation_step`.
+    ``delta = 1`` everywhere, which models a rounding error shared by many values.
+    The other ``samples`` draw ``delta`` uniform on ``[-1, 1]`` per value. ``h``
+    comes from :func:`~sslspec_conformance.tolerances.perturbation_step`.
     """
     step = perturbation_step(dtype)
     rng = np.random.default_rng(seed)
@@ -111,7 +111,9 @@ def perturbed_results(
         if generator is None:
             inputs = [a * (1.0 + step) for a in arrays]
         else:
-            inputs = [a * (1.0 + step * rng.uniform(-1.0, 1.0, np.shape(a))) for a in arrays]
+            inputs = [
+                a * (1.0 + step * rng.uniform(-1.0, 1.0, np.shape(a))) for a in arrays
+            ]
         with perturbed(step, generator):
             moved.append(function(*inputs, **options))
     return exact, moved, step
@@ -216,7 +218,8 @@ class Harness:
         """Check that ``array`` has the floating dtype named ``dtype``.
 
         Compares the bit width and machine epsilon from the namespace's ``finfo``,
-        which tells bfloat16 from float16 without the namespace naming either.
+        which distinguishes bfloat16 from float16 even where the namespace names
+        neither.
         """
         bits, eps = FLOAT_FORMATS[dtype]
         info = self.xp.finfo(array.dtype)
@@ -237,7 +240,8 @@ class Harness:
             )
         if result.dtype != like.dtype:
             raise ConformanceError(
-                f"{what}: dtype {result.dtype} differs from the input dtype {like.dtype}"
+                f"{what}: dtype {result.dtype} differs from the input dtype "
+                f"{like.dtype}"
             )
         device = self.backend.device_of(result)
         if device != self.device:
@@ -264,8 +268,8 @@ class Harness:
         """Compare ``actual`` with the reference ``expected`` under the tolerance
         of ``dtype`` and return the error relative to the tolerance.
 
-        ``kind`` picks the column of the table: ``"value"`` compares entry by
-        entry with ``scale = max(|expected|, sensitivity)``; ``"gradient"`` and
+        ``kind`` picks the column of the table. ``"value"`` compares entry by
+        entry with ``scale = max(|expected|, sensitivity)``. ``"gradient"`` and
         ``"network"`` use one scale for the whole array, its largest entry.
         ``envelope`` holds further reference results (at inputs moved by
         rounding): the error of an entry is then its distance from the interval
@@ -287,6 +291,8 @@ class Harness:
         elif kind in ("gradient", "network"):
             if kind == "gradient":
                 rtol, atol = row.gradient_rtol, row.gradient_atol
+            elif row.network_rtol is None or row.network_atol is None:
+                raise ValueError(f"the tolerance table has no network row for {dtype}")
             else:
                 rtol, atol = row.network_rtol, row.network_atol
             scale = max(

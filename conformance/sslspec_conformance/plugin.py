@@ -34,7 +34,7 @@ _ITEM_INFO = pytest.StashKey[dict]()
 
 @dataclass
 class ConformanceState:
-    """Everything one conformance run knows about its backend and results."""
+    """State of one conformance run: its backend, settings and results."""
 
     backend: Any
     backend_name: str
@@ -82,8 +82,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="file of test id patterns expected to fail, one per line with "
-        "'# reason'",
+        help="file of test id patterns expected to fail, one per line with '# reason'",
     )
     group.addoption(
         "--conformance-report",
@@ -103,7 +102,6 @@ def pytest_configure(config: pytest.Config) -> None:
         return
 
     from sslspec.backend import BackendUnavailableError, load_backend
-
     from sslspec_conformance import expectations, profiles
     from sslspec_conformance.tolerances import TOLERANCES
 
@@ -208,7 +206,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def conformance(request: pytest.FixtureRequest):
-    """The :class:`~sslspec_conformance.harness.Harness` of the backend under test."""
+    """Return the :class:`~sslspec_conformance.harness.Harness` of the backend
+    under test."""
     state = _state(request.config)
     if state is None:
         pytest.skip("the sslspec conformance suite needs --backend NAME")
@@ -227,7 +226,9 @@ def _attribution(item: pytest.Item) -> dict[str, str]:
         function = str(marker.args[0])
     else:
         function = item.originalname
-    dtype = str(params.get("dtype", marker.kwargs.get("dtype", "any") if marker else "any"))
+    dtype = str(
+        params.get("dtype", marker.kwargs.get("dtype", "any") if marker else "any")
+    )
     check = getattr(item, "originalname", item.name)
     return {"function": function, "dtype": dtype, "check": check}
 
@@ -300,8 +301,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     status = _status(report)
     if status is None:
         return
-    # A run has up to three reports (setup, call, teardown); the most severe one
-    # decides, so a teardown error after a pass makes the test an error.
+    # A run has up to three reports (setup, call and teardown). The most severe
+    # one decides, so a teardown error after a pass makes the test an error.
     current = entry["outcome"]
     if current is None or _SEVERITY[status] < _SEVERITY[current]:
         entry["outcome"] = status
@@ -432,7 +433,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path.write_text(json.dumps(_finite(report), indent=2) + "\n", encoding="utf-8")
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+def pytest_terminal_summary(
+    terminalreporter: Any, exitstatus: int, config: Any
+) -> None:
     state = _state(config)
     if state is None:
         return

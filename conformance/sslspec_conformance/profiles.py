@@ -29,7 +29,13 @@ PROFILES = {
 #: Examples per test for each kind of check.
 EXAMPLES = {
     "ci": {"value": 10, "gradient": 5, "jit": 2, "network": 3, "exact": 10},
-    "thorough": {"value": 2000, "gradient": 500, "jit": 25, "network": 100, "exact": 2000},
+    "thorough": {
+        "value": 2000,
+        "gradient": 500,
+        "jit": 25,
+        "network": 100,
+        "exact": 2000,
+    },
 }
 
 _active = "ci"

@@ -101,13 +101,17 @@ def nt_xent_loss(
         L = \frac{1}{2N} \sum_a \Bigl(-s_{a,p(a)}
             + \log \sum_{b \ne a} e^{s_{ab}}\Bigr).
     """
-    u = l2_normalize_rows(np.concatenate([_float64(z_i), _float64(z_j)]), floor=norm_floor)
+    u = l2_normalize_rows(
+        np.concatenate([_float64(z_i), _float64(z_j)]), floor=norm_floor
+    )
     size = u.shape[0]
     half = size // 2
     terms = []
     for a in range(size):
         positive = (a + half) % size
-        others = stored(np.array([u[a] @ u[b] / temperature for b in range(size) if b != a]))
+        others = stored(
+            np.array([u[a] @ u[b] / temperature for b in range(size) if b != a])
+        )
         terms.append(_logsumexp(others) - stored(u[a] @ u[positive] / temperature))
     return math.fsum(terms) / size
 
@@ -189,7 +193,9 @@ def barlow_twins_loss(
     size, dim = a.shape
     c = stored(a.T @ b / size)
     on_diagonal = math.fsum((1.0 - c[i, i]) ** 2 for i in range(dim))
-    off_diagonal = math.fsum(c[i, j] ** 2 for i in range(dim) for j in range(dim) if i != j)
+    off_diagonal = math.fsum(
+        c[i, j] ** 2 for i in range(dim) for j in range(dim) if i != j
+    )
     return on_diagonal + lambda_param * off_diagonal
 
 
@@ -204,7 +210,9 @@ def _unbiased_variance(column: np.ndarray) -> float:
     return stored(math.fsum(stored(column - mean) ** 2) / (len(column) - 1))
 
 
-def variance_loss(z: np.ndarray, *, target_std: float = 1.0, eps: float = 1e-4) -> float:
+def variance_loss(
+    z: np.ndarray, *, target_std: float = 1.0, eps: float = 1e-4
+) -> float:
     r"""Return :math:`\frac1D \sum_j \max(0, \gamma - \sqrt{\mathrm{Var}(z_{:,j}) +
     \epsilon})` with the unbiased variance."""
     z = _float64(z)

@@ -105,7 +105,9 @@ def _standardize(z: np.ndarray, eps: float) -> np.ndarray:
     return stored(centred / np.sqrt(stored((centred**2).mean(axis=0)) + eps))
 
 
-def barlow_twins_loss(z_a, z_b, *, lambda_param: float = 0.005, eps: float = BARLOW_EPS):
+def barlow_twins_loss(
+    z_a, z_b, *, lambda_param: float = 0.005, eps: float = BARLOW_EPS
+):
     """Return the gradients of the Barlow Twins loss with respect to both views.
 
     ``dL/dc`` is ``-2 (1 - c_ii)`` on the diagonal and ``2 lambda c_ij`` off it;

@@ -5,8 +5,8 @@ canonical (PyTorch) parameter layout: linear weight ``(out, in)`` applied as
 ``x @ weight.T + bias``, convolution weight ``(out, in, kh, kw)`` applied as a
 cross-correlation on NCHW images with zero padding. Batch norm uses the batch mean
 and biased batch variance in training mode and the running buffers in evaluation
-mode, ``eps = 1e-5``; layer norm uses the biased variance over the last axis,
-``eps = 1e-6``; GELU is the exact ``x * Phi(x)``.
+mode, with ``eps = 1e-5``. Layer norm uses the biased variance over the last axis,
+with ``eps = 1e-6``. GELU is the exact ``x * Phi(x)``.
 
 The forward passes return outputs only; the running-buffer update of training-mode
 batch norm is not modelled.
@@ -54,7 +54,9 @@ def batch_norm(
     else:
         mean = _param(params, f"{prefix}.running_mean")
         variance = _param(params, f"{prefix}.running_var")
-    normalized = (x - mean.reshape(shape)) / np.sqrt(variance.reshape(shape) + BATCH_NORM_EPS)
+    normalized = (x - mean.reshape(shape)) / np.sqrt(
+        variance.reshape(shape) + BATCH_NORM_EPS
+    )
     weight = _param(params, f"{prefix}.weight").reshape(shape)
     bias = _param(params, f"{prefix}.bias").reshape(shape)
     return normalized * weight + bias
@@ -65,7 +67,9 @@ def layer_norm(params: Params, prefix: str, x: np.ndarray) -> np.ndarray:
     mean = x.mean(axis=-1, keepdims=True)
     variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
     normalized = (x - mean) / np.sqrt(variance + LAYER_NORM_EPS)
-    return normalized * _param(params, f"{prefix}.weight") + _param(params, f"{prefix}.bias")
+    return normalized * _param(params, f"{prefix}.weight") + _param(
+        params, f"{prefix}.bias"
+    )
 
 
 def relu(x: np.ndarray) -> np.ndarray:
@@ -115,7 +119,9 @@ def attention(params: Params, prefix: str, x: np.ndarray, num_heads: int) -> np.
     heads = []
     for h in range(num_heads):
         columns = slice(h * head_dim, (h + 1) * head_dim)
-        scores = q[..., columns] @ np.swapaxes(k[..., columns], 1, 2) / math.sqrt(head_dim)
+        scores = (
+            q[..., columns] @ np.swapaxes(k[..., columns], 1, 2) / math.sqrt(head_dim)
+        )
         heads.append(softmax(scores) @ v[..., columns])
     return linear(params, f"{prefix}.proj", np.concatenate(heads, axis=-1))
 
@@ -124,12 +130,18 @@ def transformer_block(
     params: Params, prefix: str, x: np.ndarray, num_heads: int
 ) -> np.ndarray:
     """Pre-norm block: attention then MLP, each with a residual connection."""
-    x = x + attention(params, f"{prefix}.attn", layer_norm(params, f"{prefix}.norm1", x), num_heads)
-    hidden = gelu(linear(params, f"{prefix}.mlp.fc1", layer_norm(params, f"{prefix}.norm2", x)))
+    x = x + attention(
+        params, f"{prefix}.attn", layer_norm(params, f"{prefix}.norm1", x), num_heads
+    )
+    hidden = gelu(
+        linear(params, f"{prefix}.mlp.fc1", layer_norm(params, f"{prefix}.norm2", x))
+    )
     return x + linear(params, f"{prefix}.mlp.fc2", hidden)
 
 
-def mlp_forward(description, params: Params, x: np.ndarray, *, train: bool) -> np.ndarray:
+def mlp_forward(
+    description, params: Params, x: np.ndarray, *, train: bool
+) -> np.ndarray:
     """Forward pass of :class:`sslspec.networks.MLP` on (B, in_features) inputs."""
     last = len(description.hidden_features)
     for i in range(last + 1):

@@ -10,10 +10,10 @@ Every strategy takes the dtype under test and keeps to its
 and every row either exactly zero or of norm at least ``min_row_norm``.
 
 Sizes come from :func:`sizes` and :func:`embedding_shapes`. Under the ``thorough``
-profile they draw every size in a range; under ``ci`` they pick from a short menu
-of the range's ends and sizes just above 16, so that frameworks that compile a
-kernel per shape (JAX runs every operation that way, even outside ``jit``) reuse
-their kernels across examples.
+profile they draw every size in a range. Under ``ci`` they pick from a short menu
+of the range's ends and sizes just above 16. Frameworks that compile a kernel per
+shape then reuse their kernels across examples; JAX compiles every operation that
+way, even outside ``jit``.
 """
 
 from __future__ import annotations
@@ -51,9 +51,15 @@ MAX_DIM = 128
 #: Numerical stresses that :func:`embeddings` applies, each to a random row or
 #: column: an all-zero row, a row of norm near ``min_row_norm``, a copy of another
 #: row, a column holding one constant, and a row scaled up to ``max_magnitude``.
-STRESSES = ("zero_row", "near_zero_row", "duplicate_row", "constant_column", "large_row")
+STRESSES = (
+    "zero_row",
+    "near_zero_row",
+    "duplicate_row",
+    "constant_column",
+    "large_row",
+)
 
-#: How the second view relates to the first.
+#: Relations of the second view to the first.
 VIEW_RELATIONS = ("independent", "correlated", "identical", "negated")
 
 
@@ -61,7 +67,7 @@ VIEW_RELATIONS = ("independent", "correlated", "identical", "negated")
 class Case:
     """Arrays drawn for one example, with a description for failure reports.
 
-    ``arrays`` are float64 and ``options`` holds the keyword arguments to pass.
+    ``arrays`` are float64 and ``options`` contains the keyword arguments to pass.
     """
 
     arrays: tuple[np.ndarray, ...]
@@ -82,7 +88,9 @@ def sizes(min_value: int, max_value: int, menu: tuple[int, ...] = ()):
     """
     if profiles.active() == "ci":
         choices = menu or (min_value, 17, max_value)
-        return st.sampled_from(sorted({c for c in choices if min_value <= c <= max_value}))
+        return st.sampled_from(
+            sorted({c for c in choices if min_value <= c <= max_value})
+        )
     if max_value <= 16 or min_value > 16:
         return st.integers(min_value, max_value)
     return st.one_of(st.integers(min_value, 16), st.integers(17, max_value))
@@ -150,7 +158,11 @@ def _random_direction(rng: np.random.Generator, dim: int) -> np.ndarray:
 
 
 def _apply_stress(
-    x: np.ndarray, stress: str, rng: np.random.Generator, limits: Domain, magnitude: float
+    x: np.ndarray,
+    stress: str,
+    rng: np.random.Generator,
+    limits: Domain,
+    magnitude: float,
 ) -> None:
     rows, cols = x.shape
     k = int(rng.integers(rows))
@@ -311,8 +323,11 @@ def parameter_dicts(draw, dtype: str) -> Case:
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
     names = [f"layers.{i}.weight" for i in range(count)]
-    online = {n: _scale_to(rng.standard_normal(s), magnitude) for n, s in zip(names, shapes)}
-    target = {n: _scale_to(rng.standard_normal(s), magnitude) for n, s in zip(names, shapes)}
+    online = {}
+    target = {}
+    for name, shape in zip(names, shapes, strict=True):
+        online[name] = _scale_to(rng.standard_normal(shape), magnitude)
+        target[name] = _scale_to(rng.standard_normal(shape), magnitude)
     return Case((), {"online": online, "target": target, "momentum": momentum}, "")
 
 

@@ -23,7 +23,12 @@ PAIR_LOSSES = (
     "invariance_loss",
 )
 SINGLE_LOSSES = ("variance_loss", "covariance_loss")
-BATCH_STATISTICS = ("barlow_twins_loss", "vicreg_loss", "variance_loss", "covariance_loss")
+BATCH_STATISTICS = (
+    "barlow_twins_loss",
+    "vicreg_loss",
+    "variance_loss",
+    "covariance_loss",
+)
 
 
 class Inputs:
@@ -74,16 +79,33 @@ def _pair_cases(name: str) -> list[tuple[str, str, type, Callable]]:
         return lambda: spec_function(name)(*arrays, **options)
 
     return [
-        (name, "different shapes", ValueError, lambda i: call(i.array(4, 3), i.array(4, 2))),
-        (name, "different batch sizes", ValueError, lambda i: call(i.array(4, 3), i.array(5, 3))),
+        (
+            name,
+            "different shapes",
+            ValueError,
+            lambda i: call(i.array(4, 3), i.array(4, 2)),
+        ),
+        (
+            name,
+            "different batch sizes",
+            ValueError,
+            lambda i: call(i.array(4, 3), i.array(5, 3)),
+        ),
         (name, "1-D arrays", ValueError, lambda i: call(i.array(4), i.array(4))),
-        (name, "3-D arrays", ValueError, lambda i: call(i.array(2, 2, 3), i.array(2, 2, 3))),
+        (
+            name,
+            "3-D arrays",
+            ValueError,
+            lambda i: call(i.array(2, 2, 3), i.array(2, 2, 3)),
+        ),
         (name, "empty batch", ValueError, lambda i: call(i.array(0, 3), i.array(0, 3))),
         (
             name,
             "integer arrays",
             TypeError,
-            lambda i: call(i.raw(np.ones((4, 3), np.int64)), i.raw(np.ones((4, 3), np.int64))),
+            lambda i: call(
+                i.raw(np.ones((4, 3), np.int64)), i.raw(np.ones((4, 3), np.int64))
+            ),
         ),
         (
             name,
@@ -97,8 +119,18 @@ def _pair_cases(name: str) -> list[tuple[str, str, type, Callable]]:
             TypeError,
             lambda i: call(i.array(4, 3), i.array(4, 3, dtype=i.other_dtype())),
         ),
-        (name, "mixed libraries", TypeError, lambda i: call(i.array(4, 3), i.foreign(4, 3))),
-        (name, "mixed devices", ValueError, lambda i: call(i.array(4, 3), i.elsewhere(4, 3))),
+        (
+            name,
+            "mixed libraries",
+            TypeError,
+            lambda i: call(i.array(4, 3), i.foreign(4, 3)),
+        ),
+        (
+            name,
+            "mixed devices",
+            ValueError,
+            lambda i: call(i.array(4, 3), i.elsewhere(4, 3)),
+        ),
         (
             name,
             "nested lists",
@@ -116,7 +148,12 @@ def _single_cases(name: str) -> list[tuple[str, str, type, Callable]]:
         (name, "1-D array", ValueError, lambda i: call(i.array(4))),
         (name, "3-D array", ValueError, lambda i: call(i.array(2, 2, 3))),
         (name, "empty batch", ValueError, lambda i: call(i.array(0, 3))),
-        (name, "integer array", TypeError, lambda i: call(i.raw(np.ones((4, 3), np.int64)))),
+        (
+            name,
+            "integer array",
+            TypeError,
+            lambda i: call(i.raw(np.ones((4, 3), np.int64))),
+        ),
         (name, "bool array", TypeError, lambda i: call(i.raw(np.ones((4, 3), bool)))),
         (name, "nested lists", TypeError, lambda i: call([[1.0, 2.0], [3.0, 4.0]])),
     ]
@@ -172,10 +209,18 @@ for _name in BATCH_STATISTICS:
 
 CASES += [
     _option_case("nt_xent_loss", "zero temperature", ValueError, {"temperature": 0.0}),
-    _option_case("nt_xent_loss", "negative temperature", ValueError, {"temperature": -1.0}),
-    _option_case("nt_xent_loss", "nan temperature", ValueError, {"temperature": math.nan}),
-    _option_case("nt_xent_loss", "infinite temperature", ValueError, {"temperature": math.inf}),
-    _option_case("nt_xent_loss", "string temperature", TypeError, {"temperature": "0.5"}),
+    _option_case(
+        "nt_xent_loss", "negative temperature", ValueError, {"temperature": -1.0}
+    ),
+    _option_case(
+        "nt_xent_loss", "nan temperature", ValueError, {"temperature": math.nan}
+    ),
+    _option_case(
+        "nt_xent_loss", "infinite temperature", ValueError, {"temperature": math.inf}
+    ),
+    _option_case(
+        "nt_xent_loss", "string temperature", TypeError, {"temperature": "0.5"}
+    ),
     _option_case("nt_xent_loss", "bool temperature", TypeError, {"temperature": True}),
     _call_case(
         "nt_xent_loss",
@@ -183,11 +228,21 @@ CASES += [
         TypeError,
         lambda i: ((i.array(4, 3), i.array(4, 3)), {"temperature": i.array()}),
     ),
-    _option_case("barlow_twins_loss", "negative lambda", ValueError, {"lambda_param": -1.0}),
-    _option_case("barlow_twins_loss", "nan lambda", ValueError, {"lambda_param": math.nan}),
-    _option_case("vicreg_loss", "negative weight", ValueError, {"variance_weight": -1.0}),
-    _option_case("vicreg_loss", "infinite weight", ValueError, {"invariance_weight": math.inf}),
-    _option_case("variance_loss", "zero target_std", ValueError, {"target_std": 0.0}, 1),
+    _option_case(
+        "barlow_twins_loss", "negative lambda", ValueError, {"lambda_param": -1.0}
+    ),
+    _option_case(
+        "barlow_twins_loss", "nan lambda", ValueError, {"lambda_param": math.nan}
+    ),
+    _option_case(
+        "vicreg_loss", "negative weight", ValueError, {"variance_weight": -1.0}
+    ),
+    _option_case(
+        "vicreg_loss", "infinite weight", ValueError, {"invariance_weight": math.inf}
+    ),
+    _option_case(
+        "variance_loss", "zero target_std", ValueError, {"target_std": 0.0}, 1
+    ),
     _option_case("variance_loss", "zero eps", ValueError, {"eps": 0.0}, 1),
     _option_case("variance_loss", "negative eps", ValueError, {"eps": -1e-4}, 1),
     _mask_case("ratio masking none", ValueError, (2, 8), 0.0),
@@ -198,13 +253,21 @@ CASES += [
     _mask_case("1-D noise", ValueError, (8,), 0.5),
     _mask_case("3-D noise", ValueError, (2, 2, 4), 0.5),
     _mask_case(
-        "integer noise", TypeError, None, 0.5, noise=lambda i: i.raw(np.ones((2, 8), np.int64))
+        "integer noise",
+        TypeError,
+        None,
+        0.5,
+        noise=lambda i: i.raw(np.ones((2, 8), np.int64)),
     ),
     _mask_case("string ratio", TypeError, (2, 8), "0.5"),
     _reconstruction_case(
-        "prediction and target shapes differ", ValueError, [(2, 4, 3), (2, 4, 2), (2, 4)]
+        "prediction and target shapes differ",
+        ValueError,
+        [(2, 4, 3), (2, 4, 2), (2, 4)],
     ),
-    _reconstruction_case("mask shape differs", ValueError, [(2, 4, 3), (2, 4, 3), (2, 3)]),
+    _reconstruction_case(
+        "mask shape differs", ValueError, [(2, 4, 3), (2, 4, 3), (2, 3)]
+    ),
     _reconstruction_case("2-D prediction", ValueError, [(2, 4), (2, 4), (2, 4)]),
     _reconstruction_case(
         "norm_pix_loss with one value per patch",
@@ -213,9 +276,14 @@ CASES += [
         {"norm_pix_loss": True},
     ),
     _reconstruction_case(
-        "norm_pix_loss not a bool", TypeError, [(2, 4, 3), (2, 4, 3), (2, 4)], {"norm_pix_loss": 1}
+        "norm_pix_loss not a bool",
+        TypeError,
+        [(2, 4, 3), (2, 4, 3), (2, 4)],
+        {"norm_pix_loss": 1},
     ),
-    _reconstruction_case("zero eps", ValueError, [(2, 4, 3), (2, 4, 3), (2, 4)], {"eps": 0.0}),
+    _reconstruction_case(
+        "zero eps", ValueError, [(2, 4, 3), (2, 4, 3), (2, 4)], {"eps": 0.0}
+    ),
     _reconstruction_case(
         "integer prediction",
         TypeError,
@@ -230,13 +298,21 @@ CASES += [
         "integer mask",
         TypeError,
         None,
-        arrays=lambda i: [i.array(2, 4, 3), i.array(2, 4, 3), i.raw(np.ones((2, 4), np.int64))],
+        arrays=lambda i: [
+            i.array(2, 4, 3),
+            i.array(2, 4, 3),
+            i.raw(np.ones((2, 4), np.int64)),
+        ],
     ),
     _reconstruction_case(
         "different dtypes",
         TypeError,
         None,
-        arrays=lambda i: [i.array(2, 4, 3), i.array(2, 4, 3, dtype=i.other_dtype()), i.array(2, 4)],
+        arrays=lambda i: [
+            i.array(2, 4, 3),
+            i.array(2, 4, 3, dtype=i.other_dtype()),
+            i.array(2, 4),
+        ],
     ),
     _reconstruction_case(
         "mixed libraries",
@@ -250,10 +326,27 @@ CASES += [
         None,
         arrays=lambda i: [i.array(2, 4, 3), i.array(2, 4, 3), i.elsewhere(2, 4)],
     ),
-    _call_case("patchify", "patch size not dividing", ValueError, lambda i: ((i.array(2, 1, 6, 6), 4), {})),
-    _call_case("patchify", "3-D images", ValueError, lambda i: ((i.array(1, 6, 6), 2), {})),
-    _call_case("patchify", "zero patch size", ValueError, lambda i: ((i.array(2, 1, 6, 6), 0), {})),
-    _call_case("patchify", "float patch size", TypeError, lambda i: ((i.array(2, 1, 6, 6), 1.5), {})),
+    _call_case(
+        "patchify",
+        "patch size not dividing",
+        ValueError,
+        lambda i: ((i.array(2, 1, 6, 6), 4), {}),
+    ),
+    _call_case(
+        "patchify", "3-D images", ValueError, lambda i: ((i.array(1, 6, 6), 2), {})
+    ),
+    _call_case(
+        "patchify",
+        "zero patch size",
+        ValueError,
+        lambda i: ((i.array(2, 1, 6, 6), 0), {}),
+    ),
+    _call_case(
+        "patchify",
+        "float patch size",
+        TypeError,
+        lambda i: ((i.array(2, 1, 6, 6), 1.5), {}),
+    ),
     _call_case("patchify", "nested lists", TypeError, lambda i: (([[[[1.0]]]], 1), {})),
     _call_case(
         "unpatchify",
@@ -262,7 +355,10 @@ CASES += [
         lambda i: ((i.array(2, 4, 5), 2), {}),
     ),
     _call_case(
-        "unpatchify", "non-square grid without image_size", ValueError, lambda i: ((i.array(2, 6, 4), 2), {})
+        "unpatchify",
+        "non-square grid without image_size",
+        ValueError,
+        lambda i: ((i.array(2, 6, 4), 2), {}),
     ),
     _call_case(
         "unpatchify",
@@ -276,7 +372,9 @@ CASES += [
         ValueError,
         lambda i: ((i.array(2, 6, 4), 2), {"image_size": (5, 6)}),
     ),
-    _call_case("unpatchify", "2-D patches", ValueError, lambda i: ((i.array(4, 4), 2), {})),
+    _call_case(
+        "unpatchify", "2-D patches", ValueError, lambda i: ((i.array(4, 4), 2), {})
+    ),
     _call_case(
         "ema_update",
         "different names",
@@ -328,8 +426,15 @@ CASES += [
         TypeError,
         lambda i: (({"a": i.array(3)}, {"a": i.foreign(3)}), {}),
     ),
-    _call_case("ema_update", "not a mapping", TypeError, lambda i: (([i.array(3)], [i.array(3)]), {})),
-    _call_case("momentum_schedule", "zero total steps", ValueError, lambda i: ((0, 0), {})),
+    _call_case(
+        "ema_update",
+        "not a mapping",
+        TypeError,
+        lambda i: (([i.array(3)], [i.array(3)]), {}),
+    ),
+    _call_case(
+        "momentum_schedule", "zero total steps", ValueError, lambda i: ((0, 0), {})
+    ),
     _call_case("momentum_schedule", "float step", TypeError, lambda i: ((1.5, 10), {})),
     _call_case(
         "momentum_schedule",
@@ -338,7 +443,10 @@ CASES += [
         lambda i: ((1, 10), {"base_momentum": 0.99, "final_momentum": 0.9}),
     ),
     _call_case(
-        "momentum_schedule", "base above 1", ValueError, lambda i: ((1, 10), {"base_momentum": 1.5})
+        "momentum_schedule",
+        "base above 1",
+        ValueError,
+        lambda i: ((1, 10), {"base_momentum": 1.5}),
     ),
 ]
 
@@ -359,4 +467,6 @@ def test_invalid_input(conformance, function, label, error, build):
             f"{function} with {label}: expected {error.__name__}, got "
             f"{type(other).__name__}: {other}"
         ) from other
-    raise ConformanceError(f"{function} with {label}: expected {error.__name__}, no error")
+    raise ConformanceError(
+        f"{function} with {label}: expected {error.__name__}, no error"
+    )

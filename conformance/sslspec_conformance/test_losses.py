@@ -70,14 +70,19 @@ def test_loss_gradient(conformance, function, dtype, data):
         what=f"{function} value from value_and_grad",
     )
     expected, nearby, step = perturbed_results(loss.gradient, exact, options, dtype)
-    moved = max(
-        float(np.max(np.abs(np.asarray(m) - np.asarray(e)), initial=0.0))
-        for result in nearby
-        for m, e in zip(result, expected, strict=True)
-    ) / step
+    moved = (
+        max(
+            float(np.max(np.abs(np.asarray(m) - np.asarray(e)), initial=0.0))
+            for result in nearby
+            for m, e in zip(result, expected, strict=True)
+        )
+        / step
+    )
     for position, (index, grad) in enumerate(zip(wrt, grads, strict=True)):
         what = f"gradient of {function} with respect to input {index}"
-        conformance.assert_like(grad, arrays[index], shape=arrays[index].shape, what=what)
+        conformance.assert_like(
+            grad, arrays[index], shape=arrays[index].shape, what=what
+        )
         conformance.assert_close(
             conformance.numpy(grad),
             expected[position],
@@ -138,4 +143,6 @@ def test_reconstruction_loss_boolean_mask(conformance, dtype):
     with_float = conformance.numpy(loss(*arrays))
     with_bool = conformance.numpy(loss(arrays[0], arrays[1], bool_mask))
 
-    conformance.assert_equal(with_bool, with_float, what="reconstruction_loss bool mask")
+    conformance.assert_equal(
+        with_bool, with_float, what="reconstruction_loss bool mask"
+    )

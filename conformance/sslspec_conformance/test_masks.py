@@ -30,7 +30,9 @@ def _check_mask(conformance, result, noise, exact_noise, ratio, what):
         if value is None:
             raise ConformanceError(f"{what}: the result has no field {field!r}")
         if field == "mask":
-            conformance.assert_like(value, noise, shape=shapes[field], what=f"{what}.mask")
+            conformance.assert_like(
+                value, noise, shape=shapes[field], what=f"{what}.mask"
+            )
         else:
             if not xp.isdtype(value.dtype, "integral"):
                 raise ConformanceError(
@@ -39,7 +41,8 @@ def _check_mask(conformance, result, noise, exact_noise, ratio, what):
             device = conformance.backend.device_of(value)
             if device != conformance.device:
                 raise ConformanceError(
-                    f"{what}.{field}: on device {device!r}, input on {conformance.device!r}"
+                    f"{what}.{field}: on device {device!r}, input on "
+                    f"{conformance.device!r}"
                 )
         conformance.assert_equal(
             conformance.numpy(value), getattr(expected, field), what=f"{what}.{field}"
@@ -75,7 +78,9 @@ def test_generate_mask_jit(conformance, dtype, data):
     compiled = conformance.jit(lambda x: generate_mask(x, mask_ratio=ratio))
     result = compiled(noise)
 
-    _check_mask(conformance, result, noise, exact_noise, ratio, "compiled generate_mask")
+    _check_mask(
+        conformance, result, noise, exact_noise, ratio, "compiled generate_mask"
+    )
 
 
 @pytest.mark.sslspec_function("patchify")

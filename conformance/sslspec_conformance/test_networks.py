@@ -30,9 +30,9 @@ def _round32(x: np.ndarray) -> np.ndarray:
 def random_parameters(description, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Return float32 canonical parameters for ``description``.
 
-    Weights are normal with variance ``1 / fan_in``; norm scales are near 1;
-    biases, position embeddings, the mask token and running means are small and
-    normal; running variances are uniform on ``[0.5, 1.5]``.
+    Weights are normal with variance ``1 / fan_in`` and norm scales are near 1.
+    Biases, position embeddings, the mask token and running means are small and
+    normal, and running variances are uniform on ``[0.5, 1.5]``.
     """
     from sslspec.networks import parameter_shapes
 
@@ -78,7 +78,9 @@ def conv_encoders(draw):
     height = scale * draw(st.integers(1, 3))
     width = scale * draw(st.integers(1, 3))
     return ConvEncoder(
-        in_channels=draw(st.integers(1, 3)), image_size=(height, width), channels=channels
+        in_channels=draw(st.integers(1, 3)),
+        image_size=(height, width),
+        channels=channels,
     )
 
 
@@ -166,7 +168,6 @@ def network_cases(draw, kind: str):
     return description, params, _round32(inputs), options
 
 
-TRAINABLE_NORMS = ("MLP", "ConvEncoder")
 NETWORK_CHECKS = [
     ("MLP", False),
     ("MLP", True),

@@ -16,8 +16,12 @@ from sslspec_conformance.strategies import parameter_dicts, schedule_steps
 def _draw_parameters(conformance, data, dtype):
     case = data.draw(parameter_dicts(dtype), label="case")
     note(repr(case))
-    online = {k: conformance.asarray(v, dtype) for k, v in case.options["online"].items()}
-    target = {k: conformance.asarray(v, dtype) for k, v in case.options["target"].items()}
+    online = {
+        k: conformance.asarray(v, dtype) for k, v in case.options["online"].items()
+    }
+    target = {
+        k: conformance.asarray(v, dtype) for k, v in case.options["target"].items()
+    }
     return online, target, case.options["momentum"]
 
 
@@ -66,9 +70,7 @@ def test_ema_update_jit(conformance, dtype, data):
     online, target, momentum = _draw_parameters(conformance, data, dtype)
     ema_update = spec_function("ema_update")
 
-    compiled = conformance.jit(
-        lambda o, t: ema_update(o, t, momentum=momentum)
-    )
+    compiled = conformance.jit(lambda o, t: ema_update(o, t, momentum=momentum))
     result = compiled(online, target)
 
     _check_update(
