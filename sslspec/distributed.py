@@ -60,10 +60,6 @@ class Collective(Protocol):
         ...
 
 
-def _world_size(collective: Collective | None) -> int:
-    return 1 if collective is None else collective.world_size
-
-
 def _sum_over_ranks(x: Any, collective: Collective | None) -> Any:
     """Return ``x`` summed over ranks, or ``x`` itself without a collective."""
     if collective is None:
