@@ -170,7 +170,7 @@ def _is_conformance_module(module: Any) -> bool:
     return module is not None and module.__name__.startswith(f"{PACKAGE}.test_")
 
 
-def test_id(item: pytest.Item) -> str:
+def expectation_id(item: pytest.Item) -> str:
     """Return the id that expectation patterns match: ``file.py::name[params]``."""
     return f"{Path(str(item.path)).name}::{item.name}"
 
@@ -246,7 +246,7 @@ def pytest_collection_modifyitems(
                 pytest.mark.skip(reason="the sslspec conformance suite needs --backend")
             )
             continue
-        identifier = test_id(item)
+        identifier = expectation_id(item)
         for entry in state.expectations:
             if not entry.matches(identifier):
                 continue
@@ -286,7 +286,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     entry = state.results.setdefault(
         item.nodeid,
         {
-            "id": test_id(item),
+            "id": expectation_id(item),
             "function": info.get("function"),
             "dtype": info.get("dtype"),
             "check": info.get("check"),

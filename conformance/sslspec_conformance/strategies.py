@@ -6,8 +6,9 @@ seed. Large arrays therefore cost one draw, and a failure shrinks towards small
 sizes and few stresses.
 
 Every strategy takes the dtype under test and keeps to its
-:class:`~sslspec_conformance.tolerances.Domain`: no value above ``max_magnitude``,
-and every row either exactly zero or of norm at least ``min_row_norm``.
+:class:`~sslspec_conformance.tolerances.Domain`: no absolute value above
+``max_magnitude``, and every row either exactly zero or of norm at least
+``min_row_norm``.
 
 Sizes come from :func:`sizes` and :func:`embedding_shapes`. Under the ``thorough``
 profile they draw every size in a range. Under ``ci`` they pick from a short menu
@@ -32,6 +33,8 @@ __all__ = [
     "MAX_DIM",
     "STRESSES",
     "Case",
+    "sizes",
+    "embedding_shapes",
     "batch_sizes",
     "dims",
     "temperatures",
@@ -50,7 +53,7 @@ MAX_DIM = 128
 
 #: Numerical stresses that :func:`embeddings` applies, each to a random row or
 #: column: an all-zero row, a row of norm near ``min_row_norm``, a copy of another
-#: row, a column holding one constant, and a row scaled up to ``max_magnitude``.
+#: row, a column of one constant value, and a row scaled up to ``max_magnitude``.
 STRESSES = (
     "zero_row",
     "near_zero_row",

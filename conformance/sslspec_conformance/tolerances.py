@@ -78,10 +78,10 @@ def _multiple(dtype: str, factor: int) -> float:
 
 
 #: The one tolerance table. Each rtol is a power-of-two multiple of the dtype's
-#: unit roundoff ``u``, about eight times the largest error relative to
-#: ``u * scale`` seen on the NumPy, PyTorch and JAX backends; each atol is 1e-3
-#: times its rtol, so it only matters where the result and its sensitivity are
-#: both below 1e-3.
+#: unit roundoff ``u``, four to twelve times the largest error relative to
+#: ``u * scale`` seen on the NumPy, PyTorch and JAX backends (docs/conformance.md
+#: lists the measurements). Each atol is 1e-3 times its rtol, so it only matters
+#: where the result and its sensitivity are both below 1e-3.
 TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(
         "float64",
@@ -92,8 +92,8 @@ TOLERANCES: dict[str, Tolerance] = {
     ),
     "float32": Tolerance(
         "float32",
-        rtol=_multiple("float32", 32),
-        atol=_multiple("float32", 32) * 1e-3,
+        rtol=_multiple("float32", 64),
+        atol=_multiple("float32", 64) * 1e-3,
         gradient_rtol=_multiple("float32", 128),
         gradient_atol=_multiple("float32", 128) * 1e-3,
         network_rtol=_multiple("float32", 128),
