@@ -178,14 +178,17 @@ SIZES = HeadSizes(
 
 
 def trainer_config(backend: str, **changes) -> PretrainConfig:
+    # The networks and schedule of the driver test of the JAX backend (3 epochs of
+    # 5 steps on 200 digits), so a test session compiles the JAX training step
+    # once for all of these tests.
     values = {
         "method": "byol",
         "backend": backend,
-        "epochs": 1,
+        "epochs": 3,
         "batch_size": 32,
         "warmup_epochs": 1,
-        "steps_per_epoch": 3,
-        "total_steps": 3,
+        "steps_per_epoch": 5,
+        "total_steps": 15,
         "device": "cpu",
         "sizes": SIZES,
         "augment": AugmentConfig(erase_probability=0.0),
@@ -261,11 +264,8 @@ def digits_file(tmp_path_factory):
 
 
 def run_config(data: str, backend: str) -> PretrainConfig:
-    # The same networks and schedule as the driver test of the JAX backend, so a
-    # test session compiles the JAX training step once for both.
-    return trainer_config(
-        backend, data=data, epochs=3, steps_per_epoch=0, total_steps=0
-    )
+    # The driver fills in steps_per_epoch and total_steps from the data.
+    return trainer_config(backend, data=data, steps_per_epoch=0, total_steps=0)
 
 
 @pytest.mark.parametrize("trained, evaluated", [("torch", "jax"), ("jax", "torch")])

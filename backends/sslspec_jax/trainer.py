@@ -207,8 +207,9 @@ def make_train_step(
         key, step_key = jax.random.split(key)
 
         def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[nnx.State, ...]]:
-            # copy=True gives fresh Variables at this trace level, which batch
-            # norm may update; Variables from the enclosing jit trace may not be.
+            # copy=True gives fresh Variables at this trace level, so batch norm
+            # may update them. Flax rejects updates to the Variables of the
+            # enclosing jit trace.
             online = nnx.merge(graphdef, params, stats, copy=True)
             target = nnx.merge(target_graphdef, target_params, target_stats, copy=True)
             loss = method_loss(config, online, target, batch, KeyRandom(step_key))
@@ -245,8 +246,9 @@ class _CompileCache:
 
     Two trainers with the same configuration, sample shape and device (a run and
     its resumed copy, or a run and its random-initialisation baseline) build the
-    same graph, so the second reuses the first one's executable. Keys hold the
-    configuration as JSON; the cache keeps the ``size`` most recent entries.
+    same graph, so the second reuses the first one's executable. Keys contain the
+    configuration as JSON, without the fields that do not change the graph. The
+    cache keeps the ``size`` most recent entries.
     """
 
     def __init__(self, size: int = 8) -> None:
