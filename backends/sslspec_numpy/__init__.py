@@ -138,7 +138,7 @@ class ArrayAPIStrictBackend:
         return np.array(np.from_dlpack(on_cpu), copy=True)
 
     def device_of(self, array: Any) -> str:
-        """Return the name of the device that holds ``array``."""
+        """Return the name of the device that stores ``array``."""
         xp = self._xp
         for name in self._DEVICES:
             if array.device == xp.Device(name):

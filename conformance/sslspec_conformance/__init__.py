@@ -1,4 +1,4 @@
-"""Conformance suite of sslspec: checks that a backend computes what the spec says.
+"""Conformance suite of sslspec: checks that a backend computes what the spec defines.
 
 Run it on an installed backend with ``sslspec conformance NAME`` or
 ``pytest --pyargs sslspec_conformance --backend NAME``. The suite compares every

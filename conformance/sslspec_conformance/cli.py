@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``sslspec conformance``."""
     parser = argparse.ArgumentParser(
         prog="sslspec conformance",
-        description="Check that an sslspec backend computes what the spec says, "
+        description="Check that an sslspec backend computes what the spec defines, "
         "against a float64 NumPy reference.",
     )
     parser.add_argument(

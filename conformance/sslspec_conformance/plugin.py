@@ -293,8 +293,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "outcome": None,
             "worst_ratio": None,
             "message": None,
+            "seconds": 0.0,
         },
     )
+    entry["seconds"] += float(getattr(report, "duration", 0.0))
     measured = info.get("measured", {})
     if measured.get("worst_ratio") is not None:
         entry["worst_ratio"] = measured["worst_ratio"]

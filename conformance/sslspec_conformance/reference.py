@@ -5,26 +5,30 @@ speed, and shares no code with the spec in :mod:`sslspec`. Inputs are converted 
 float64 first, so a backend's result at a low precision is compared with the exact
 value for the same (rounded) inputs.
 
-Conventions, with their sources:
+Conventions, with the sources that the spec's docstrings give for them:
 
-- L2 normalisation divides a row by ``max(||row||, 1e-12)`` (the floor of
-  ``torch.nn.functional.normalize``), so an all-zero row stays zero.
-- NT-Xent follows Algorithm 1 of the SimCLR paper (Chen et al., 2020): each anchor's
-  own similarity is excluded, its positive is in the denominator, and the loss is
-  the mean over the 2N anchors.
+- L2 normalisation divides a row by ``max(||row||, 1e-12)``, the floor of
+  ``torch.nn.functional.normalize``, so an all-zero row stays zero.
+- NT-Xent follows Algorithm 1 of the SimCLR paper (Chen et al., 2020). Each
+  anchor's own similarity is excluded, its positive is in the denominator, and the
+  loss is the mean over the 2N anchors.
 - BYOL's loss is ``2 - 2 cos(p, z)`` per row, averaged over the batch (Grill et al.,
-  2020); the momentum schedule is the one of the official BYOL code, with the step
+  2020). The momentum schedule is the one of the official BYOL code, with the step
   clamped to ``[0, K]``.
 - Barlow Twins standardises each dimension over the batch with the biased variance
   and ``eps = 1e-5`` inside the square root, as ``BatchNorm1d(affine=False)`` does
   in the official code (Zbontar et al., 2021).
-- VICReg uses the unbiased variance and covariance (official code, Bardes et al.,
-  2022); the two views' variance terms are averaged and their covariance terms
-  summed.
-- MAE masking keeps the ``K = L - round(L * mask_ratio)`` patches of smallest noise,
-  ties going to the lower index; ``round`` is Python's (round half to even).
+- VICReg uses the unbiased variance and covariance of the official code (Bardes et
+  al., 2022). The two views' variance terms are averaged and their covariance
+  terms summed.
+- MAE masking keeps the ``K = L - round(L * mask_ratio)`` patches of smallest
+  noise, ties going to the lower index, with Python's ``round`` (half to even).
   Reconstruction loss and patch layout follow the official MAE code (He et al.,
   2022), with the channel count read from the input.
+
+Intermediate values pass through :func:`~sslspec_conformance.rounding.stored`,
+which the tolerance estimate uses to model rounding and which otherwise returns
+them unchanged.
 """
 
 from __future__ import annotations
@@ -345,7 +349,7 @@ def reconstruction_loss(
 def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
     """Cut (B, C, H, W) images into (B, L, p * p * C) patches.
 
-    Patch ``r * (W / p) + c`` holds ``images[:, :, r*p:(r+1)*p, c*p:(c+1)*p]``, laid
+    Patch ``r * (W / p) + c`` contains ``images[:, :, r*p:(r+1)*p, c*p:(c+1)*p]``, laid
     out with index ``(i * p + j) * C + channel`` for pixel ``(i, j)`` of the patch.
     """
     batch, channels, height, width = images.shape

@@ -44,10 +44,9 @@ def stored(value: Any) -> Any:
 def perturbed(step: float, rng: np.random.Generator | None) -> Iterator[None]:
     """Perturb every value passed to :func:`stored` by a relative ``step``.
 
-    With a generator each entry gets its own random factor; with ``rng=None``
-    every entry is multiplied by ``1 + step``, the coherent perturbation that a
-    rounding error shared by many values (a rounded ``1 / temperature``, say)
-    causes.
+    With a generator each entry gets its own random factor. With ``rng=None``
+    every entry is multiplied by ``1 + step``, which models a rounding error shared
+    by many values, such as a rounded ``1 / temperature``.
     """
     global _perturbation
     previous = _perturbation

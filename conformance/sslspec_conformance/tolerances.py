@@ -12,11 +12,11 @@ for these inputs: the suite evaluates the reference with every input and every
 intermediate value it stores multiplied by ``1 + h * delta`` (see
 :mod:`sslspec_conformance.rounding` and
 :func:`sslspec_conformance.harness.sensitivity`) and takes the largest change
-divided by ``h``. Where a function is well conditioned ``scale`` is the size of
-the result; where it is ill conditioned (a constant column with a large offset, a
-temperature of 0.05) ``scale`` grows with the damage rounding does. Each rtol is
-therefore a fixed multiple of the dtype's unit roundoff, the same for every
-function.
+divided by ``h``. Where a function is well conditioned, ``scale`` is the size of
+the result. Where it is ill conditioned, as for a constant column with a large
+offset or a temperature of 0.05, ``scale`` grows with the damage rounding does.
+Each rtol is therefore a fixed multiple of the dtype's unit roundoff, the same for
+every function.
 
 Gradients compare the whole array at once: ``scale`` is the largest entry of the
 reference gradient or of its sensitivity, and an entry passes if it lies within
