@@ -846,6 +846,7 @@ def main(argv: list[str]) -> int:
             launch(distributed_workers.torch_failing_rank, nproc_per_node=2)
         except LaunchError as error:
             print(f"LaunchError: {error}", file=sys.stderr)
+            print(f"failed ranks: {error.ranks}", file=sys.stderr)
             return 1
         print("the failing worker did not fail", file=sys.stderr)
         return 2
