@@ -8,6 +8,15 @@ batches in rank order. Its gradient with respect to the local inputs is
 slice. Data-parallel training averages gradients over ranks, so the averaged
 gradient equals the gradient of a single-device step on the global batch.
 
+That factor of ``world_size`` applies where each rank differentiates its own copy of
+the loss, as under ``torch.distributed`` and under JAX's ``shard_map`` with
+``check_vma=False``. Under ``shard_map`` with its default ``check_vma=True``, JAX
+types the loss as replicated over ranks and seeds its gradient once, not
+once per rank: ``jax.grad`` then gives, with respect to the local inputs, the
+gradient of the global loss itself, and with respect to replicated parameters the
+full single-device gradient, already summed over ranks. Averaging that gradient
+over ranks again would be harmless, but multiplying or summing it would not.
+
 All losses assume that every rank holds the same number of samples, so that the
 global batch size is ``world_size`` times the local one.
 """

@@ -201,6 +201,11 @@ def _validate(description: NetworkDescription) -> None:
             else [("decoder_dim", description.decoder_dim)]
         )
         for name, dim in dims:
+            if dim % 4:
+                raise ValueError(
+                    f"{name}={dim} must be divisible by 4 for the 2-D sine-cosine "
+                    "position embedding (a sine and a cosine for each image axis)"
+                )
             if dim % description.num_heads:
                 raise ValueError(
                     f"{name}={dim} must be divisible by num_heads="
@@ -419,10 +424,11 @@ def flat_parameter_shapes(
 def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> list[list[float]]:
     """Return MAE's fixed 2-D sine-cosine position embedding as nested lists.
 
-    Half of ``dim`` encodes the row and half the column; each half is
-    ``[sin(pos * w_k), cos(pos * w_k)]`` with ``w_k = 1 / 10000 ** (k / (dim / 4))``
-    for ``k = 0 .. dim / 4 - 1``. Rows of the result are patches in row-major order.
-    Backends use it to initialise ``pos_embed``.
+    The first half of ``dim`` encodes the patch's column and the second half its
+    row, as in the MAE authors' code; each half is ``[sin(pos * w_k), cos(pos *
+    w_k)]`` with ``w_k = 1 / 10000 ** (k / (dim / 4))`` for ``k = 0 .. dim / 4 - 1``.
+    Rows of the result are patches in row-major order. Backends use it to
+    initialise ``pos_embed``.
     """
     if dim % 4:
         raise ValueError(
@@ -435,7 +441,7 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> list[list[float]]:
     for r in range(rows):
         for c in range(cols):
             embedding = []
-            for pos in (r, c):
+            for pos in (c, r):
                 embedding += [math.sin(pos * w) for w in omegas]
                 embedding += [math.cos(pos * w) for w in omegas]
             table.append(embedding)
