@@ -84,7 +84,24 @@ class Trainer(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A framework plugin. ``capabilities`` says which optional methods work."""
+    """A framework plugin. ``capabilities`` says which optional methods work.
+
+    A backend with the ``distributed`` capability provides collectives for
+    data-parallel training, and may also provide a method that ``sslspec pretrain
+    --nproc-per-node N`` uses to start its processes. It is not part of this
+    protocol, so that ``isinstance`` accepts backends without it::
+
+        def launch(self, function, args=(), *, nproc_per_node, device="auto"):
+            ...
+
+    It runs the module-level ``function(*args)`` in ``nproc_per_node`` processes
+    on this machine, each of which has joined the framework's process group on
+    ``device``, and returns the return values in rank order. When a process
+    fails it stops the others and raises a ``RuntimeError`` that names the failed
+    rank. A trainer that it creates with ``config.nproc_per_node > 1`` trains its
+    share of each global batch, returns the global loss, and has an int ``rank``
+    attribute; rank 0 writes the checkpoints. ``sslspec_torch`` implements it.
+    """
 
     name: str
     capabilities: frozenset[str]

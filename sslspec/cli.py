@@ -28,6 +28,7 @@ _PRETRAIN_OPTIONS = (
     "seed",
     "device",
     "precision",
+    "nproc_per_node",
 )
 
 
@@ -111,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32 (default) or bf16 (autocast; losses stay in float32)",
     )
     pretrain.add_argument(
+        "--nproc-per-node",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train in N processes on this machine, each on its share of every "
+        "batch; --batch-size stays the global batch and must be a multiple of N "
+        "(default 1; torch backend)",
+    )
+    pretrain.add_argument(
         "--out",
         default=None,
         help="run folder to create (default runs/<method>-<backend>-<timestamp>)",
@@ -119,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_DIR",
         default=None,
-        help="continue the run in RUN_DIR from its last checkpoint; only --epochs "
-        "and --device may differ from the run's settings",
+        help="continue the run in RUN_DIR from its last checkpoint; only --epochs, "
+        "--device and --nproc-per-node may differ from the run's settings",
     )
     pretrain.add_argument(
         "--quiet", action="store_true", help="no progress bar and no log messages"
@@ -185,12 +195,17 @@ def _format_accuracy(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _processes(metrics: dict[str, Any]) -> str:
+    count = metrics.get("nproc_per_node", 1)
+    return f", {count} processes" if count > 1 else ""
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """Return the summary table that ``pretrain`` and ``evaluate`` print."""
     lines = [
         f"run folder   {metrics['run_dir']}",
         f"method       {metrics['method']}  (backend {metrics['backend']}, device "
-        f"{metrics['device']})",
+        f"{metrics['device']}{_processes(metrics)})",
         f"epochs       {metrics['epochs']}  ({metrics['train_seconds']:.1f} s of "
         f"training)",
     ]
@@ -245,7 +260,11 @@ def _run_pretrain(args: argparse.Namespace, given: set[str]) -> int:
                 return 2
         with _logging_around_progress(progress):
             metrics = resume_run(
-                args.resume, epochs=args.epochs, device=args.device, progress=progress
+                args.resume,
+                epochs=args.epochs,
+                device=args.device,
+                nproc_per_node=args.nproc_per_node,
+                progress=progress,
             )
     else:
         overrides = {option: getattr(args, option) for option in _PRETRAIN_OPTIONS}

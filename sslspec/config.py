@@ -47,6 +47,11 @@ class PretrainConfig:
     ``total_steps`` and ``steps_per_epoch`` are filled in by the driver once the
     data is loaded. Method hyperparameters that do not apply to ``method`` are
     ignored.
+
+    ``batch_size`` is the global batch. With ``nproc_per_node`` processes each one
+    computes the forward and backward pass of ``batch_size // nproc_per_node``
+    samples, and the run's losses and weights are those of one process on the
+    whole batch, so ``batch_size`` must be a multiple of ``nproc_per_node``.
     """
 
     method: str = "simclr"
@@ -60,6 +65,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    nproc_per_node: int = 1
     steps_per_epoch: int = 0
     total_steps: int = 0
     # Method hyperparameters, named as the loss functions name them.
@@ -89,6 +95,16 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        nproc = self.nproc_per_node
+        if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(
+                f"nproc_per_node must be a positive integer, got {nproc!r}"
+            )
+        if self.batch_size % nproc:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of nproc_per_node "
+                f"{nproc}, because every process takes an equal share of each batch"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
 

@@ -14,6 +14,16 @@ atomic checkpoint of the trainer's state after every epoch. A run folder holds:
 A resumed run (``resume_run``) reloads the trainer state, including the optimiser
 and the random generator, and continues at the next epoch, so it reproduces the
 loss history of an uninterrupted run with the same seed on the same device.
+
+With ``nproc_per_node > 1`` the backend's ``launch`` (capability
+``distributed``) starts that many processes, each running :func:`train_rank`.
+Every rank gets the same global batches and trains its share of each one. The
+loss is the global loss, equal on every rank, so every rank checks it and all
+stop at the same step. Rank 0 alone writes the checkpoints. This process then
+evaluates the final checkpoint on its own, as :func:`evaluate_run` does.
+``batch_size`` stays the global batch, so the run's losses and weights do not
+depend on the number of processes, up to float32 rounding that AdamW amplifies
+(docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ __all__ = [
     "resume_run",
     "evaluate_run",
     "read_config",
+    "train_rank",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +75,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 #: Options that may differ from the saved configuration when a run is resumed.
-RESUMABLE_OPTIONS = ("epochs", "device")
+RESUMABLE_OPTIONS = ("epochs", "device", "nproc_per_node")
 
 _IMAGE_AUGMENT = AugmentConfig(
     crop_scale=(0.5, 1.0),
@@ -206,6 +217,13 @@ def _check_fit(config: PretrainConfig, dataset: Dataset) -> None:
             f"batch_size must be at least {MIN_BATCH_SIZE}, because batch norm and "
             f"the losses' batch statistics need two samples, got {config.batch_size}"
         )
+    batch_size = min(config.batch_size, len(dataset.x_train))
+    if batch_size % config.nproc_per_node:
+        raise ValueError(
+            f"batches of {batch_size} samples (the {len(dataset.x_train)} training "
+            f"samples of {dataset.source}) must be a multiple of nproc_per_node "
+            f"{config.nproc_per_node}"
+        )
     if config.batch_size > len(dataset.x_train):
         logger.warning(
             "batch size %d exceeds the %d training samples of %s; batches will "
@@ -214,6 +232,23 @@ def _check_fit(config: PretrainConfig, dataset: Dataset) -> None:
             len(dataset.x_train),
             dataset.source,
             len(dataset.x_train),
+        )
+
+
+def _check_launch(config: PretrainConfig, backend: Backend) -> None:
+    """Raise ``ValueError`` if the backend cannot start ``nproc_per_node``
+    processes."""
+    if config.nproc_per_node == 1:
+        return
+    if "distributed" not in backend.capabilities or not callable(
+        getattr(backend, "launch", None)
+    ):
+        raise ValueError(
+            f"nproc_per_node {config.nproc_per_node} needs a backend that starts "
+            f"one process per device, and backend {config.backend!r} does not (it "
+            f"has no launch method); use nproc_per_node 1 with it. A backend that "
+            f"uses every local device from one process, such as jax, needs no "
+            f"extra processes"
         )
 
 
@@ -263,6 +298,7 @@ def pretrain(
     """
     config = _absolute_data(config)
     backend = _load_backend(config.backend)
+    _check_launch(config, backend)
     device = backend.resolve_device(config.device)
     dataset = load_dataset(config.data)
     _check_fit(config, dataset)
@@ -281,19 +317,24 @@ def pretrain(
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / CONFIG_NAME, config.to_dict())
 
-    trainer = backend.create_trainer(config, sample_shape=dataset.sample_shape)
     logger.info(
-        "training %s on %s with backend %s (%s) for %d epochs of %d steps; run "
-        "folder %s",
+        "training %s on %s with backend %s (%s, %d processes) for %d epochs of %d "
+        "steps; run folder %s",
         config.method,
         dataset.source,
         config.backend,
         device,
+        config.nproc_per_node,
         config.epochs,
         config.steps_per_epoch,
         run_dir,
     )
     state = _RunState(epoch=0, step=0, loss_history=[], train_seconds=0.0)
+    if config.nproc_per_node > 1:
+        return _train_distributed_and_finish(
+            config, backend, device, dataset, run_dir, state, progress
+        )
+    trainer = backend.create_trainer(config, sample_shape=dataset.sample_shape)
     return _train_and_finish(
         config, backend, device, dataset, trainer, run_dir, state, progress
     )
@@ -304,6 +345,7 @@ def resume_run(
     *,
     epochs: int | None = None,
     device: str | None = None,
+    nproc_per_node: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Continue a run from its last checkpoint, then evaluate it.
@@ -311,7 +353,8 @@ def resume_run(
     ``epochs`` may raise the run's epoch count. The learning-rate and momentum
     schedules then stretch over the new total, so the loss history differs from
     that of a run started with the new count. ``device`` may move the run to
-    another device.
+    another device, and ``nproc_per_node`` may change the number of processes,
+    since the global batch and the random state do not depend on it.
 
     Raises
     ------
@@ -349,9 +392,12 @@ def resume_run(
         changes["epochs"] = epochs
     if device is not None:
         changes["device"] = device
+    if nproc_per_node is not None:
+        changes["nproc_per_node"] = nproc_per_node
     config = config.replace(**changes)
 
     backend = _load_backend(config.backend)
+    _check_launch(config, backend)
     resolved_device = backend.resolve_device(config.device)
     dataset = load_dataset(config.data)
     _check_fit(config, dataset)
@@ -363,9 +409,12 @@ def resume_run(
             f"changed since the run started"
         )
     config = _with_schedule(config, dataset)
-    _write_json(run_dir / CONFIG_NAME, config.to_dict())
 
-    trainer = backend.create_trainer(config, sample_shape=dataset.sample_shape)
+    # The whole state is loaded here even for a distributed run, so that a
+    # mismatch is reported before any process starts.
+    trainer = backend.create_trainer(
+        config.replace(nproc_per_node=1), sample_shape=dataset.sample_shape
+    )
     try:
         trainer.load_state_dict(checkpoint.tensors)
     except ValueError as error:
@@ -373,6 +422,7 @@ def resume_run(
             f"checkpoint {str(run_dir / CHECKPOINT_NAME)!r} does not match the "
             f"run's networks: {error}"
         ) from error
+    _write_json(run_dir / CONFIG_NAME, config.to_dict())
     logger.info(
         "resuming %s from epoch %d of %d (step %d)",
         run_dir,
@@ -386,6 +436,10 @@ def resume_run(
         loss_history=list(checkpoint.loss_history),
         train_seconds=checkpoint.train_seconds,
     )
+    if config.nproc_per_node > 1:
+        return _train_distributed_and_finish(
+            config, backend, resolved_device, dataset, run_dir, state, progress
+        )
     return _train_and_finish(
         config, backend, resolved_device, dataset, trainer, run_dir, state, progress
     )
@@ -421,14 +475,101 @@ def _train_and_finish(
     progress: bool,
 ) -> dict[str, Any]:
     _train(config, dataset, trainer, run_dir, state, progress)
+    return _finish(config, backend, device, dataset, trainer, run_dir, state)
+
+
+def train_rank(
+    config_values: dict[str, Any],
+    run_dir: str,
+    state_values: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """Train one rank of a distributed run; the function that ``backend.launch``
+    starts in every process.
+
+    The process has joined the backend's process group. It builds its trainer,
+    loads the run's checkpoint when ``state_values`` records completed epochs,
+    and trains the remaining epochs. Rank 0 writes the checkpoints and shows the
+    progress bar. Returns the final ``epoch``, ``step``, ``loss_history`` and
+    ``train_seconds``, which are equal on every rank but for the time.
+    """
+    config = PretrainConfig.from_dict(config_values)
+    backend = _load_backend(config.backend)
+    dataset = load_dataset(config.data)
+    trainer = backend.create_trainer(config, sample_shape=dataset.sample_shape)
+    state = _RunState(**state_values)
+    path = Path(run_dir)
+    if state.epoch:
+        trainer.load_state_dict(load_checkpoint(path / CHECKPOINT_NAME).tensors)
+    main = getattr(trainer, "rank", 0) == 0
+    _train(config, dataset, trainer, path, state, progress and main, save=main)
+    return dataclasses.asdict(state)
+
+
+def _train_distributed_and_finish(
+    config: PretrainConfig,
+    backend: Backend,
+    device: str,
+    dataset: Dataset,
+    run_dir: Path,
+    state: _RunState,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train in ``config.nproc_per_node`` processes, then evaluate the final
+    checkpoint in this process."""
+    launch = backend.launch  # type: ignore[attr-defined]
+    try:
+        results = launch(
+            train_rank,
+            (config.to_dict(), str(run_dir), dataclasses.asdict(state), progress),
+            nproc_per_node=config.nproc_per_node,
+            device=config.device,
+        )
+    except RuntimeError as error:
+        checkpoint_path = run_dir / CHECKPOINT_NAME
+        kept = (
+            f"the checkpoint of the last completed epoch, {str(checkpoint_path)!r}, "
+            f"is kept; continue with --resume"
+            if checkpoint_path.exists()
+            else "no epoch was completed"
+        )
+        raise TrainingError(f"{error}; {kept}") from error
+    state = _RunState(**results[0])
+    if state.epoch:
+        logger.info(
+            "trained %d epochs on %d processes in %.1f s; final loss %.5f",
+            state.epoch,
+            config.nproc_per_node,
+            state.train_seconds,
+            state.loss_history[-1],
+        )
+    single = config.replace(nproc_per_node=1)
+    trainer = backend.create_trainer(single, sample_shape=dataset.sample_shape)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    trainer.load_state_dict(checkpoint.tensors)
+    return _finish(config, backend, device, dataset, trainer, run_dir, state)
+
+
+def _finish(
+    config: PretrainConfig,
+    backend: Backend,
+    device: str,
+    dataset: Dataset,
+    trainer: Trainer,
+    run_dir: Path,
+    state: _RunState,
+) -> dict[str, Any]:
+    """Evaluate the trained trainer, draw the plots and write ``metrics.json``."""
+    single = config.replace(nproc_per_node=1)
     metrics = _evaluate_and_plot(
-        config, backend, dataset, trainer, run_dir, state.loss_history
+        single, backend, dataset, trainer, run_dir, state.loss_history
     )
     metrics = {
         "method": config.method,
         "backend": config.backend,
         "backend_version": backend.version(),
         "device": device,
+        "nproc_per_node": config.nproc_per_node,
         "data": config.data,
         "seed": config.seed,
         "epochs": config.epochs,
@@ -438,6 +579,9 @@ def _train_and_finish(
         "loss_history": state.loss_history,
         **metrics,
     }
+    extra_metrics = getattr(trainer, "extra_metrics", None)
+    if callable(extra_metrics):
+        metrics |= extra_metrics()
     _write_json(run_dir / METRICS_NAME, metrics)
     logger.info("finished %s; metrics written to %s", run_dir, run_dir / METRICS_NAME)
     return {**metrics, "run_dir": str(run_dir)}
@@ -450,7 +594,10 @@ def _train(
     run_dir: Path,
     state: _RunState,
     progress: bool,
+    *,
+    save: bool = True,
 ) -> None:
+    """Train the remaining epochs; write a checkpoint after each one if ``save``."""
     batch_size = min(config.batch_size, len(dataset.x_train))
     bar = _progress_bar(config.total_steps, state.step, progress)
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -484,6 +631,8 @@ def _train(
             state.train_seconds += time.perf_counter() - started
             state.loss_history.append(float(np.mean(losses)))
             state.epoch = epoch + 1
+            if not save:
+                continue
             save_checkpoint(
                 checkpoint_path,
                 trainer.state_dict(),
@@ -504,7 +653,7 @@ def _train(
     finally:
         if bar is not None:
             bar.close()
-    if state.epoch:
+    if state.epoch and save:
         logger.info(
             "trained %d epochs in %.1f s; final loss %.5f; checkpoint %s",
             state.epoch,
@@ -606,6 +755,9 @@ def evaluate_run(
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
     changes = {"backend": backend, "device": device}
     config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    nproc_per_node = config.nproc_per_node
+    # Evaluation runs in this process, whatever the number of training processes.
+    config = config.replace(nproc_per_node=1)
     loaded_backend = _load_backend(config.backend)
     resolved_device = loaded_backend.resolve_device(config.device)
     dataset = load_dataset(config.data)
@@ -639,6 +791,7 @@ def evaluate_run(
         "backend": config.backend,
         "backend_version": loaded_backend.version(),
         "device": resolved_device,
+        "nproc_per_node": nproc_per_node,
         "data": config.data,
         "seed": config.seed,
         "epochs": checkpoint.epoch,

@@ -66,7 +66,9 @@ def test_backends_lists_torch():
     result = run_command("backends")
     assert result.returncode == 0, result.stderr
     assert "torch" in result.stdout
-    assert "capabilities: autodiff, jit, networks, training" in result.stdout
+    assert (
+        "capabilities: autodiff, distributed, jit, networks, training" in result.stdout
+    )
     assert "devices:      cpu" in result.stdout
 
 

@@ -452,7 +452,7 @@ def test_train_step_compiles_once(feature_runs, monkeypatch):
     monkeypatch.setattr(trainer_module, "make_train_step", fail)
     trainer.train_step(feature_batches(1, seed=4)[0])
     assert trainer.compile_seconds == seconds
-    assert trainer.extra_metrics() == {"compile_seconds": seconds}
+    assert trainer.extra_metrics() == {"devices": 1, "compile_seconds": seconds}
 
 
 def test_resume_matches_uninterrupted(feature_runs):

@@ -36,6 +36,7 @@ METRIC_KEYS = {
     "method",
     "backend",
     "device",
+    "nproc_per_node",
     "epochs",
     "train_seconds",
     "final_loss",
@@ -103,6 +104,7 @@ def test_pretrain_writes_run_folder(tmp_path, digits_file, method):
     assert METRIC_KEYS <= set(saved)
     assert saved["method"] == method
     assert saved["device"] == "cpu"
+    assert saved["nproc_per_node"] == 1
     assert len(saved["loss_history"]) == 2
     assert saved["final_loss"] == saved["loss_history"][-1]
     for key in METRIC_KEYS:
@@ -237,6 +239,52 @@ def test_bad_data_fails_before_training(tmp_path):
 def test_batch_size_one_is_rejected(tmp_path, digits_file):
     with pytest.raises(ValueError, match="batch_size must be at least 2"):
         pretrain(small_config(digits_file, batch_size=1), out_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.0, True, "2"])
+def test_nproc_per_node_must_be_positive_int(value):
+    with pytest.raises(ValueError, match="nproc_per_node must be a positive integer"):
+        PretrainConfig(nproc_per_node=value)
+
+
+def test_batch_size_must_split_over_processes():
+    with pytest.raises(
+        ValueError, match="batch_size 30 must be a multiple of nproc_per_node 4"
+    ):
+        PretrainConfig(batch_size=30, nproc_per_node=4)
+    assert PretrainConfig(batch_size=32, nproc_per_node=4).nproc_per_node == 4
+
+
+def test_short_data_batches_must_split_over_processes(tmp_path, digits_file):
+    # 200 samples give 160 for training; a batch of 162 is cut to those 160.
+    config = small_config(digits_file, batch_size=162, nproc_per_node=3)
+    with pytest.raises(ValueError, match="batches of 160 samples"):
+        pretrain(config, out_dir=tmp_path / "run")
+
+
+def test_backend_without_launch_rejects_processes(tmp_path, digits_file, monkeypatch):
+    from sslspec_torch.backend import TorchBackend
+
+    monkeypatch.setattr(
+        TorchBackend, "capabilities", frozenset({"networks", "training"})
+    )
+    config = small_config(digits_file, nproc_per_node=2)
+    with pytest.raises(ValueError, match="use nproc_per_node 1"):
+        pretrain(config, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_extra_metrics_of_the_trainer_are_recorded(tmp_path, digits_file, monkeypatch):
+    monkeypatch.setattr(
+        TorchTrainer,
+        "extra_metrics",
+        lambda self: {"compile_seconds": 1.5},
+        raising=False,
+    )
+    metrics = pretrain(small_config(digits_file, epochs=1), out_dir=tmp_path / "run")
+    assert metrics["compile_seconds"] == 1.5
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["compile_seconds"] == 1.5
 
 
 def test_unavailable_device(tmp_path, digits_file):

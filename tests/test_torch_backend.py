@@ -108,7 +108,14 @@ def test_entry_point_loads_torch_backend():
 
 def test_capabilities_and_version(backend):
     assert backend.name == "torch"
-    assert backend.capabilities == {"autodiff", "jit", "networks", "training"}
+    assert backend.capabilities == {
+        "autodiff",
+        "distributed",
+        "jit",
+        "networks",
+        "training",
+    }
+    assert callable(backend.launch)
     assert backend.version() == torch.__version__
     assert "cpu" in backend.devices()
     assert backend.dtypes() == ("float64", "float32", "float16", "bfloat16")
@@ -390,6 +397,28 @@ def test_load_weights_only(backend, digits):
     fresh.load_state_dict(weights)
     np.testing.assert_array_equal(fresh.encode(digits[:8]), trainer.encode(digits[:8]))
     assert fresh.step == 0
+
+
+def test_load_state_ignores_random_state_of_another_backend(backend, digits, caplog):
+    """A JAX checkpoint carries ``rng.key``, which cannot seed a torch.Generator."""
+    trainer = backend.create_trainer(small_config("simclr"), sample_shape=(1, 8, 8))
+    trainer.train_step(digits[:16])
+    state = trainer.state_dict()
+    generator_state = state.pop("rng.augment")
+    state["rng.key"] = np.array([0, 42], dtype=np.uint32)
+    fresh = backend.create_trainer(small_config("simclr"), sample_shape=(1, 8, 8))
+    before = fresh.generator.get_state().numpy().copy()
+    with caplog.at_level("WARNING", logger="sslspec_torch.trainer"):
+        fresh.load_state_dict(state)
+    assert "rng.key is not a torch.Generator state" in caplog.text
+    assert fresh.step == 1
+    np.testing.assert_array_equal(fresh.generator.get_state().numpy(), before)
+    np.testing.assert_array_equal(fresh.encode(digits[:8]), trainer.encode(digits[:8]))
+
+    # Next to its own generator state, a foreign entry is ignored as well.
+    state["rng.augment"] = generator_state
+    fresh.load_state_dict(state)
+    np.testing.assert_array_equal(fresh.generator.get_state().numpy(), generator_state)
 
 
 def test_load_state_reports_problems(backend):

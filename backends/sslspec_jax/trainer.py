@@ -14,14 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sslspec
 from sslspec.augment import augment_images, two_views
 from sslspec.config import PretrainConfig
+from sslspec.distributed import Collective
 from sslspec.networks import flat_parameter_shapes, method_networks
 from sslspec.schedules import warmup_cosine_lr
 
 from .backend import jax_device, resolve_device
+from .distributed import (
+    MeshCollective,
+    batch_sharding,
+    convert_sync_batchnorm,
+    data_mesh,
+    data_parallel,
+)
 from .networks import (
     build_network,
     canonical_name,
@@ -34,9 +44,12 @@ __all__ = [
     "ENCODE_BATCH_SIZE",
     "JaxTrainer",
     "build_optimizer",
+    "inputs_loss",
     "make_encode",
+    "make_gradient_step",
     "make_train_step",
     "method_loss",
+    "prepare_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +62,79 @@ _ADAM_EPS = 1e-8
 _MOMENTS = ("exp_avg", "exp_avg_sq")  # torch names of Adam's first and second moments
 _KEY_NAME = "rng.key"
 _STEP_NAME = "optimizer.step"
+
+
+def prepare_inputs(
+    config: PretrainConfig, batch: jax.Array, random: KeyRandom
+) -> tuple[jax.Array, ...]:
+    """Draw one step's random inputs for the whole batch.
+
+    Returns the two augmented views ``(view_a, view_b)``, or for MAE the augmented
+    images, ``ids_keep``, ``ids_restore`` and the mask of
+    :func:`sslspec.generate_mask`. Every array has the batch axis first, so a
+    data-parallel step can draw them on the global batch (the same numbers as on
+    one device) and then shard them.
+    """
+    if config.method == "mae":
+        images = augment_images(batch, random, config.augment)
+        encoder = method_networks("mae", tuple(batch.shape[1:]), config.sizes)
+        noise = random.uniform((images.shape[0], encoder["encoder"].num_patches))
+        mask = sslspec.generate_mask(noise, mask_ratio=config.mask_ratio)
+        return images, mask.ids_keep, mask.ids_restore, mask.mask
+    return two_views(batch, random, config.augment)
+
+
+def inputs_loss(
+    config: PretrainConfig,
+    online: nnx.Module,
+    target: nnx.Module | None,
+    inputs: Sequence[jax.Array],
+    *,
+    stop_target_gradient: bool = True,
+    collective: Collective | None = None,
+) -> jax.Array:
+    """Compute the training loss of ``config.method`` on :func:`prepare_inputs`
+    output.
+
+    With ``collective`` the inputs are this device's rows of the global batch and
+    the loss is that of the global batch (see :mod:`sslspec.distributed`).
+    """
+    if config.method == "mae":
+        return _mae_loss(config, online, inputs, collective)
+
+    view_a, view_b = inputs
+    views = jnp.concatenate([view_a, view_b])
+    projections = online["projector"](online["encoder"](views))
+    z_a, z_b = jnp.split(projections.astype(jnp.float32), 2)
+
+    if config.method == "simclr":
+        return sslspec.nt_xent_loss(
+            z_a, z_b, temperature=config.temperature, collective=collective
+        )
+    if config.method == "barlow-twins":
+        return sslspec.barlow_twins_loss(
+            z_a, z_b, lambda_param=config.lambda_param, collective=collective
+        )
+    if config.method == "vicreg":
+        return sslspec.vicreg_loss(
+            z_a,
+            z_b,
+            invariance_weight=config.invariance_weight,
+            variance_weight=config.variance_weight,
+            covariance_weight=config.covariance_weight,
+            collective=collective,
+        )
+
+    predictions = online["predictor"](projections)
+    p_a, p_b = jnp.split(predictions.astype(jnp.float32), 2)
+    targets = target["target_projector"](target["target_encoder"](views))
+    targets = targets.astype(jnp.float32)
+    if stop_target_gradient:
+        targets = jax.lax.stop_gradient(targets)
+    t_a, t_b = jnp.split(targets, 2)
+    return sslspec.byol_loss(p_a, t_b, collective=collective) + sslspec.byol_loss(
+        p_b, t_a, collective=collective
+    )
 
 
 def method_loss(
@@ -71,52 +157,29 @@ def method_loss(
     ``stop_target_gradient=False`` lets gradients flow into BYOL's target
     branch. It exists only so that tests can show that the default blocks them.
     """
-    if config.method == "mae":
-        return _mae_loss(config, online, batch, random)
-
-    view_a, view_b = two_views(batch, random, config.augment)
-    views = jnp.concatenate([view_a, view_b])
-    projections = online["projector"](online["encoder"](views))
-    z_a, z_b = jnp.split(projections.astype(jnp.float32), 2)
-
-    if config.method == "simclr":
-        return sslspec.nt_xent_loss(z_a, z_b, temperature=config.temperature)
-    if config.method == "barlow-twins":
-        return sslspec.barlow_twins_loss(z_a, z_b, lambda_param=config.lambda_param)
-    if config.method == "vicreg":
-        return sslspec.vicreg_loss(
-            z_a,
-            z_b,
-            invariance_weight=config.invariance_weight,
-            variance_weight=config.variance_weight,
-            covariance_weight=config.covariance_weight,
-        )
-
-    predictions = online["predictor"](projections)
-    p_a, p_b = jnp.split(predictions.astype(jnp.float32), 2)
-    targets = target["target_projector"](target["target_encoder"](views))
-    targets = targets.astype(jnp.float32)
-    if stop_target_gradient:
-        targets = jax.lax.stop_gradient(targets)
-    t_a, t_b = jnp.split(targets, 2)
-    return sslspec.byol_loss(p_a, t_b) + sslspec.byol_loss(p_b, t_a)
+    inputs = prepare_inputs(config, batch, random)
+    return inputs_loss(
+        config, online, target, inputs, stop_target_gradient=stop_target_gradient
+    )
 
 
 def _mae_loss(
-    config: PretrainConfig, online: nnx.Module, batch: jax.Array, random: KeyRandom
+    config: PretrainConfig,
+    online: nnx.Module,
+    inputs: Sequence[jax.Array],
+    collective: Collective | None,
 ) -> jax.Array:
+    images, ids_keep, ids_restore, mask = inputs
     encoder = online["encoder"]
-    images = augment_images(batch, random, config.augment)
-    noise = random.uniform((images.shape[0], encoder.description.num_patches))
-    mask = sslspec.generate_mask(noise, mask_ratio=config.mask_ratio)
-    latent = encoder(images, mask.ids_keep)
-    prediction = online["decoder"](latent, mask.ids_restore)
+    latent = encoder(images, ids_keep)
+    prediction = online["decoder"](latent, ids_restore)
     target = sslspec.patchify(images, encoder.description.patch_size)
     return sslspec.reconstruction_loss(
         prediction.astype(jnp.float32),
         target,
-        mask.mask,
+        mask,
         norm_pix_loss=config.norm_pix_loss,
+        collective=collective,
     )
 
 
@@ -180,20 +243,95 @@ def build_optimizer(config: PretrainConfig) -> optax.GradientTransformation:
     )
 
 
+def make_gradient_step(
+    config: PretrainConfig,
+    graphdef: nnx.GraphDef,
+    target_graphdef: nnx.GraphDef,
+    mesh: Mesh | None = None,
+) -> Callable[..., tuple[Any, ...]]:
+    """Return the pure function that computes one step's loss and gradient.
+
+    ``gradient_step(params, stats, target_params, target_stats, key, batch)``
+    returns ``(loss, grads, stats, target_stats, key)``. The key is split once,
+    and the sub-key drives the augmentations and MAE's mask (:func:`prepare_inputs`
+    on the whole batch). The gradient is taken with respect to the online
+    parameters only.
+
+    With ``mesh``, the networks (whose batch norms must be
+    :class:`~sslspec_jax.distributed.SyncBatchNorm`) and the loss run under
+    :func:`sslspec_jax.distributed.data_parallel`, each device on its rows of the
+    random inputs, and the losses get a
+    :class:`~sslspec_jax.distributed.MeshCollective`. The parameters enter
+    unsharded and ``shard_map``'s variance check is on, so ``jax.grad`` inside the
+    mapped function already returns the gradient of the global loss, the same on
+    every device and equal to the single-device gradient. Adding a ``pmean`` or
+    dividing by the device count would be wrong.
+    """
+    collective = None if mesh is None else MeshCollective.for_mesh(mesh)
+
+    def local_gradient(
+        params: nnx.State,
+        stats: nnx.State,
+        target_params: nnx.State,
+        target_stats: nnx.State,
+        inputs: tuple[jax.Array, ...],
+    ) -> tuple[Any, ...]:
+        def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[nnx.State, ...]]:
+            # copy=True gives fresh Variables at this trace level, so batch norm
+            # may update them. Flax rejects updates to the Variables of the
+            # enclosing jit trace.
+            online = nnx.merge(graphdef, params, stats, copy=True)
+            target = nnx.merge(target_graphdef, target_params, target_stats, copy=True)
+            loss = inputs_loss(config, online, target, inputs, collective=collective)
+            new_stats = nnx.state(online, nnx.BatchStat)
+            new_target_stats = nnx.state(target, nnx.BatchStat)
+            return loss, (new_stats, new_target_stats)
+
+        (loss, (stats, target_stats)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(params)
+        return loss, grads, stats, target_stats
+
+    gradient = (
+        local_gradient
+        if mesh is None
+        else data_parallel(local_gradient, mesh, batch_argnums=(4,))
+    )
+
+    def gradient_step(
+        params: nnx.State,
+        stats: nnx.State,
+        target_params: nnx.State,
+        target_stats: nnx.State,
+        key: jax.Array,
+        batch: jax.Array,
+    ) -> tuple[Any, ...]:
+        key, step_key = jax.random.split(key)
+        inputs = prepare_inputs(config, batch, KeyRandom(step_key))
+        loss, grads, stats, target_stats = gradient(
+            params, stats, target_params, target_stats, tuple(inputs)
+        )
+        return loss, grads, stats, target_stats, key
+
+    return gradient_step
+
+
 def make_train_step(
     config: PretrainConfig,
     graphdef: nnx.GraphDef,
     target_graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[Any, ...]]:
     """Return the pure training step of ``config.method``.
 
     ``step(params, stats, target_params, target_stats, opt_state, key, batch)``
-    returns ``(params, stats, target_stats, opt_state, key, loss)``: the key is
-    split once, the sub-key drives the augmentations and MAE's mask, and AdamW
-    updates the online parameters. Target parameters are an input only, so no
-    gradient is taken with respect to them.
+    returns ``(params, stats, target_stats, opt_state, key, loss)``: the loss and
+    gradient of :func:`make_gradient_step` (data-parallel over ``mesh`` when
+    given), then an update of the online parameters by ``optimizer``. Target
+    parameters are an input only, so no gradient is taken with respect to them.
     """
+    gradient_step = make_gradient_step(config, graphdef, target_graphdef, mesh)
 
     def step(
         params: nnx.State,
@@ -204,22 +342,9 @@ def make_train_step(
         key: jax.Array,
         batch: jax.Array,
     ) -> tuple[Any, ...]:
-        key, step_key = jax.random.split(key)
-
-        def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[nnx.State, ...]]:
-            # copy=True gives fresh Variables at this trace level, so batch norm
-            # may update them. Flax rejects updates to the Variables of the
-            # enclosing jit trace.
-            online = nnx.merge(graphdef, params, stats, copy=True)
-            target = nnx.merge(target_graphdef, target_params, target_stats, copy=True)
-            loss = method_loss(config, online, target, batch, KeyRandom(step_key))
-            new_stats = nnx.state(online, nnx.BatchStat)
-            new_target_stats = nnx.state(target, nnx.BatchStat)
-            return loss, (new_stats, new_target_stats)
-
-        (loss, (stats, target_stats)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(params)
+        loss, grads, stats, target_stats, key = gradient_step(
+            params, stats, target_params, target_stats, key, batch
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, stats, target_stats, opt_state, key, loss
@@ -228,17 +353,23 @@ def make_train_step(
 
 
 def make_encode(
-    method: str, eval_graphdef: nnx.GraphDef
+    method: str, eval_graphdef: nnx.GraphDef, mesh: Mesh | None = None
 ) -> Callable[[nnx.State, nnx.State, jax.Array], jax.Array]:
     """Return the jitted evaluation-mode encoder ``(params, stats, inputs) ->
-    features``."""
+    features``.
+
+    With ``mesh`` the features come back replicated on its devices, so every
+    host of a multi-host mesh can read them.
+    """
 
     def encode(params: nnx.State, stats: nnx.State, inputs: jax.Array) -> jax.Array:
         encoder = nnx.merge(eval_graphdef, params, stats, copy=True)["encoder"]
         features = encoder.features(inputs) if method == "mae" else encoder(inputs)
         return features.astype(jnp.float32)
 
-    return jax.jit(encode)
+    if mesh is None:
+        return jax.jit(encode)
+    return jax.jit(encode, out_shardings=NamedSharding(mesh, P()))
 
 
 class _CompileCache:
@@ -276,7 +407,8 @@ _GRAPH_INDEPENDENT_OPTIONS = frozenset({"backend", "data", "device", "epochs", "
 
 
 class JaxTrainer:
-    """One pretraining run of ``config.method`` on one JAX device.
+    """One pretraining run of ``config.method`` on every device of one JAX
+    platform.
 
     The networks are :func:`sslspec.networks.method_networks` built as Flax NNX
     modules and kept in functional form (a graph definition plus parameter and
@@ -303,6 +435,20 @@ class JaxTrainer:
     bfloat16, while parameters, batch norm, layer norm, the optimiser and the
     losses stay in float32.
 
+    Data parallelism: when JAX has more than one device of the platform of
+    ``device`` (``jax.devices(platform)``: every local device, or every device
+    of every host after ``jax.distributed.initialize()``), the trainer uses all
+    of them, and the device index only selects the platform. Every batch norm
+    becomes a :class:`~sslspec_jax.distributed.SyncBatchNorm` over the mesh
+    axis. Parameters, batch statistics, optimiser state and the key are
+    replicated on every device. Each step draws the augmentations and MAE's mask
+    for the whole batch with the same key as on one device, shards them along
+    the batch axis, and runs the networks and the losses (with a
+    :class:`~sslspec_jax.distributed.MeshCollective`) under ``jax.shard_map``.
+    The loss, the gradient, the update and BYOL's target update therefore equal
+    those of one device on the whole batch, up to float32 rounding.
+    ``config.batch_size`` must be a multiple of the device count.
+
     Parameters
     ----------
     config
@@ -313,6 +459,15 @@ class JaxTrainer:
     device
         A device string that :func:`sslspec_jax.backend.resolve_device` accepts;
         ``config.device`` when omitted.
+    data_parallel
+        Set to ``False`` to train on ``device`` alone even when the platform has
+        more devices.
+
+    Raises
+    ------
+    ValueError
+        If the device is not available, or ``config.batch_size`` is not a
+        multiple of the number of devices.
     """
 
     def __init__(
@@ -321,11 +476,28 @@ class JaxTrainer:
         *,
         sample_shape: Sequence[int],
         device: str | None = None,
+        data_parallel: bool = True,
     ) -> None:
         self.config = config
         self.sample_shape = tuple(int(size) for size in sample_shape)
         self.device_name = resolve_device(config.device if device is None else device)
         self.device = jax_device(self.device_name)
+        #: The devices that train, in mesh order; ``[self.device]`` without a mesh.
+        self.devices = [self.device]
+        if data_parallel:
+            # NOTE: after jax.distributed.initialize() this spans every host.
+            # That path has not been run; the tests simulate devices in one
+            # process.
+            self.devices = list(jax.devices(self.device.platform))
+        #: The one-axis mesh over :attr:`devices`, or ``None`` on one device.
+        self.mesh = data_mesh(self.devices) if len(self.devices) > 1 else None
+        if config.batch_size % len(self.devices):
+            raise ValueError(
+                f"batch_size {config.batch_size} does not split evenly over the "
+                f"{len(self.devices)} {self.device.platform} devices that train "
+                f"data-parallel; choose a batch size that is a multiple of "
+                f"{len(self.devices)}"
+            )
         self.descriptions = method_networks(
             config.method, self.sample_shape, config.sizes
         )
@@ -341,10 +513,12 @@ class JaxTrainer:
         with jax.default_device(self.device):
             online = nnx.Dict(
                 {
-                    prefix: build_network(
-                        self.descriptions[prefix],
-                        rngs=nnx.Rngs(params=jax.random.fold_in(init_key, index)),
-                        dtype=self.compute_dtype,
+                    prefix: self._for_mesh(
+                        build_network(
+                            self.descriptions[prefix],
+                            rngs=nnx.Rngs(params=jax.random.fold_in(init_key, index)),
+                            dtype=self.compute_dtype,
+                        )
                     )
                     for index, prefix in enumerate(self.online_prefixes)
                 }
@@ -379,15 +553,28 @@ class JaxTrainer:
 
     # Setup
 
+    def _for_mesh(self, network: nnx.Module) -> Any:
+        """Return ``network`` with synchronised batch norm when there is a mesh."""
+        if self.mesh is None:
+            return network
+        return convert_sync_batchnorm(network)
+
+    def _placement(self) -> jax.Device | NamedSharding:
+        if self.mesh is None:
+            return self.device
+        return NamedSharding(self.mesh, P())
+
     def _put(self, tree: Any) -> Any:
-        """Return ``tree`` on the trainer's device in buffers of its own.
+        """Return ``tree`` on the trainer's device, or replicated on every device
+        of the mesh, in buffers of its own.
 
         The copy matters because the training step donates its inputs: a buffer
         shared between two arguments (an online parameter and its target copy, or
         a host array aliased by ``device_put``) cannot be donated.
         """
         return jax.tree.map(
-            lambda leaf: jnp.array(leaf, copy=True), jax.device_put(tree, self.device)
+            lambda leaf: jnp.array(leaf, copy=True),
+            jax.device_put(tree, self._placement()),
         )
 
     def _cache_key(self, *extra: Any) -> tuple[Any, ...]:
@@ -397,7 +584,8 @@ class JaxTrainer:
             if name not in _GRAPH_INDEPENDENT_OPTIONS
         }
         config = json.dumps(values, sort_keys=True, default=str)
-        return (config, self.sample_shape, self.device_name, *extra)
+        devices = tuple(device.id for device in self.devices)
+        return (config, self.sample_shape, self.device_name, devices, *extra)
 
     # Training
 
@@ -424,16 +612,31 @@ class JaxTrainer:
         if compiled is None:
             start = time.perf_counter()
             step = make_train_step(
-                self.config, self._graphdef, self._target_graphdef, self._optimizer
+                self.config,
+                self._graphdef,
+                self._target_graphdef,
+                self._optimizer,
+                self.mesh,
             )
-            jitted = jax.jit(step, donate_argnums=(0, 1, 3, 4, 5))
+            if self.mesh is None:
+                jitted = jax.jit(step, donate_argnums=(0, 1, 3, 4, 5))
+            else:
+                # Replicated outputs keep the next step's inputs on the shardings
+                # that the executable was compiled for.
+                jitted = jax.jit(
+                    step,
+                    donate_argnums=(0, 1, 3, 4, 5),
+                    out_shardings=self._placement(),
+                )
             compiled = jitted.lower(*self._step_arguments(batch)).compile()
             seconds = time.perf_counter() - start
             self.compile_seconds = (self.compile_seconds or 0.0) + seconds
             logger.info(
-                "compiled the %s training step for batch shape %s in %.2f s",
+                "compiled the %s training step for batch shape %s on %d devices "
+                "in %.2f s",
                 self.config.method,
                 tuple(batch.shape),
+                len(self.devices),
                 seconds,
             )
             _CACHE.put(key, compiled)
@@ -442,13 +645,30 @@ class JaxTrainer:
         return compiled
 
     def _to_device(self, inputs: np.ndarray | jax.Array) -> jax.Array:
+        """Return ``inputs`` as float32 on the device, or split along the batch
+        axis over the mesh."""
         host = inputs if isinstance(inputs, jax.Array) else np.asarray(inputs)
         if tuple(host.shape[1:]) != self.sample_shape:
             raise ValueError(
                 f"batch must have shape (B, {', '.join(map(str, self.sample_shape))}), "
                 f"got {tuple(host.shape)}"
             )
-        return jax.device_put(jnp.asarray(host, dtype=jnp.float32), self.device)
+        if self.mesh is None:
+            return jax.device_put(jnp.asarray(host, dtype=jnp.float32), self.device)
+        count = len(self.devices)
+        if host.shape[0] % count:
+            raise ValueError(
+                f"a batch of {host.shape[0]} samples does not split evenly over the "
+                f"{count} devices that train data-parallel; pass a multiple of "
+                f"{count} samples"
+            )
+        values = np.asarray(host, dtype=np.float32)
+        # Each device takes its rows from the whole batch, so on a mesh over
+        # several hosts every host must pass the same global batch (the driver
+        # does, since its batch order depends only on the seed and the epoch).
+        return jax.make_array_from_callback(
+            values.shape, batch_sharding(self.mesh), lambda index: values[index]
+        )
 
     def train_step(self, batch: np.ndarray) -> float:
         """Run one AdamW step on two augmented views of ``batch``; return the loss.
@@ -500,12 +720,37 @@ class JaxTrainer:
             updated |= {(prefix, *path): value for path, value in moved.items()}
         self.target_params = _with_values(self.target_params, updated)
 
-    def extra_metrics(self) -> dict[str, float]:
-        """Return backend-specific figures for ``metrics.json``: the seconds spent
-        compiling the training step (``compile_seconds``), once known."""
-        if self.compile_seconds is None:
-            return {}
-        return {"compile_seconds": self.compile_seconds}
+    def loss_and_gradients(self, batch: np.ndarray) -> tuple[float, dict[str, Any]]:
+        """Return the loss and the gradient that the next :meth:`train_step` would
+        take, without changing any state.
+
+        The gradient maps canonical parameter names to NumPy arrays in the
+        canonical layout. With a mesh it is the gradient of the global loss and
+        equals the single-device gradient up to float32 rounding. The function is
+        compiled on every call, so this is for tests and debugging.
+        """
+        inputs = self._to_device(batch)
+        gradient_step = make_gradient_step(
+            self.config, self._graphdef, self._target_graphdef, self.mesh
+        )
+        loss, grads, _, _, _ = jax.jit(gradient_step)(
+            self.params,
+            self.batch_stats,
+            self.target_params,
+            self.target_stats,
+            self.key,
+            inputs,
+        )
+        return float(loss), state_to_canonical(grads)
+
+    def extra_metrics(self) -> dict[str, float | int]:
+        """Return backend-specific figures for ``metrics.json``: the number of
+        devices that train (``devices``) and the seconds spent compiling the
+        training step (``compile_seconds``), once known."""
+        metrics: dict[str, float | int] = {"devices": len(self.devices)}
+        if self.compile_seconds is not None:
+            metrics["compile_seconds"] = self.compile_seconds
+        return metrics
 
     # Evaluation
 
@@ -513,7 +758,7 @@ class JaxTrainer:
         key = self._cache_key("encode")
         encode = _CACHE.get(key)
         if encode is None:
-            encode = make_encode(self.config.method, self._eval_graphdef)
+            encode = make_encode(self.config.method, self._eval_graphdef, self.mesh)
             _CACHE.put(key, encode)
         return encode
 
@@ -524,12 +769,14 @@ class JaxTrainer:
         (no mask) and its normed tokens are averaged. Inputs go through in batches of
         :data:`ENCODE_BATCH_SIZE`; the last one is zero-padded to that size, so
         one compiled function serves every batch (padding cannot change other
-        rows, since nothing mixes samples in evaluation mode).
+        rows, since nothing mixes samples in evaluation mode). With a mesh each
+        batch is split over the devices and padded to a multiple of their count.
         """
         count = len(inputs)
         if count == 0:
             return np.zeros((0, 0), dtype=np.float32)
         size = min(ENCODE_BATCH_SIZE, count)
+        size = -(-size // len(self.devices)) * len(self.devices)
         encode = self._encoder()
         features = []
         for start in range(0, count, size):

@@ -42,11 +42,13 @@ class TorchBackend:
     """Backend plugin for PyTorch (entry point ``torch``).
 
     Devices are ``cpu``, ``cuda:N`` and ``mps``. ``auto`` picks the first CUDA
-    device, then MPS, then the CPU.
+    device, then MPS, then the CPU. With the ``distributed`` capability,
+    :meth:`launch` runs a function in several processes that have joined one
+    ``torch.distributed`` process group (gloo on the CPU, NCCL on CUDA).
     """
 
     name = "torch"
-    capabilities = frozenset({"autodiff", "jit", "networks", "training"})
+    capabilities = frozenset({"autodiff", "distributed", "jit", "networks", "training"})
 
     def version(self) -> str:
         return torch.__version__
@@ -230,6 +232,57 @@ class TorchBackend:
         self, config: Any, *, sample_shape: Sequence[int]
     ) -> TorchTrainer:
         """Return a :class:`~sslspec_torch.trainer.TorchTrainer` on the device that
-        ``config.device`` resolves to."""
+        ``config.device`` resolves to.
+
+        With ``config.nproc_per_node > 1`` this must run in a process started by
+        :meth:`launch`; the trainer is then this process's rank, on the CPU or on
+        the GPU of its local rank.
+        """
+        if getattr(config, "nproc_per_node", 1) > 1:
+            return TorchTrainer(config, sample_shape=sample_shape, device=config.device)
         device = self.resolve_device(config.device)
         return TorchTrainer(config, sample_shape=sample_shape, device=device)
+
+    def launch(
+        self,
+        function: Callable[..., Any],
+        args: Sequence[Any] = (),
+        *,
+        nproc_per_node: int,
+        device: str = "auto",
+    ) -> list[Any]:
+        """Run ``function(*args)`` in ``nproc_per_node`` processes on this machine.
+
+        Each process joins a process group on ``device`` (``"auto"``, ``"cpu"`` or
+        ``"cuda"``, one GPU per process) before it calls ``function`` and leaves it
+        after. ``function`` and ``args`` must be picklable, so ``function`` is a
+        module-level function. Every socket is bound to 127.0.0.1
+        (:func:`sslspec_torch.distributed.launch`).
+
+        Returns
+        -------
+        list
+            The return value of every rank, in rank order.
+
+        Raises
+        ------
+        sslspec_torch.distributed.LaunchError
+            A ``RuntimeError`` naming the rank that failed first and its
+            exception, after every process has stopped.
+        ValueError
+            If ``device`` cannot be used by several processes.
+        """
+        from .distributed import launch, run_in_process_group
+
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ValueError(
+                f"device {device!r} cannot be shared by several processes; use "
+                f"auto, cpu or cuda (each process takes the GPU of its local rank)"
+            )
+        if device.startswith("cuda"):
+            device = "cuda"
+        return launch(
+            run_in_process_group,
+            (function, device, tuple(args)),
+            nproc_per_node=nproc_per_node,
+        )

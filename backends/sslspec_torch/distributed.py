@@ -32,12 +32,16 @@ import datetime
 import inspect
 import ipaddress
 import logging
+import math
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,12 +64,14 @@ __all__ = [
     "all_gather",
     "all_reduce_sum",
     "convert_sync_batchnorm",
+    "current_environment",
     "destroy_process_group",
     "init_process_group",
     "launch",
     "loopback_interface",
     "process_group",
     "rank_slice",
+    "resolve_rank_device",
     "wrap_ddp",
 ]
 
@@ -377,6 +383,59 @@ def init_process_group(
         backend=backend,
         device=torch_device,
     )
+
+
+def resolve_rank_device(device: str = "auto") -> torch.device:
+    """Return the device of this rank: the CPU, or the GPU of its ``LOCAL_RANK``.
+
+    ``device`` is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Each rank
+    takes its own GPU, so the index of ``"cuda:N"`` is replaced by the local rank.
+
+    Raises
+    ------
+    ValueError
+        If the device is not available or not one of these.
+    """
+    if device.startswith("cuda:"):
+        device = "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return _resolve_device(device, local_rank)
+
+
+def current_environment(device: str = "auto") -> DistributedEnvironment:
+    """Return the :class:`DistributedEnvironment` of this process in the
+    initialised default process group, with the device of
+    :func:`resolve_rank_device`.
+
+    Raises
+    ------
+    RuntimeError
+        If no process group is initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "no torch.distributed process group is initialised; call "
+            "init_process_group() first"
+        )
+    return DistributedEnvironment(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        backend=str(dist.get_backend()),
+        device=resolve_rank_device(device),
+    )
+
+
+def run_in_process_group(
+    function: Callable[..., Any], device: str, args: Sequence[Any]
+) -> Any:
+    """Run ``function(*args)`` inside :func:`process_group` on ``device``.
+
+    A module-level function that :func:`launch` can start, so that a caller
+    which does not import torch gets ranks that have joined the group.
+    """
+    with process_group(device):
+        return function(*args)
 
 
 def destroy_process_group() -> None:
@@ -709,10 +768,52 @@ def _failure_message(rank: int, failure: Any) -> str:
     detail = failure.message
     if isinstance(detail, dict):
         detail = detail.get("message", "")
-    text = f"rank {rank} (local rank {failure.local_rank}) failed with {cause}"
+    if getattr(failure, "recovered", False):
+        text = f"rank {rank} (local rank {failure.local_rank}) raised"
+    else:
+        text = f"rank {rank} (local rank {failure.local_rank}) failed with {cause}"
     if detail:
         text += f": {detail}"
     return text
+
+
+def _all_failures(reported: dict[int, Any], log_dir: str) -> list[tuple[int, Any]]:
+    """Return every rank's failure, root causes first.
+
+    The elastic agent reports only the first failed process it polls. When rank 1
+    raises while rank 0 waits in a collective, rank 0 often dies of the broken
+    connection at the same moment and is the one reported. Every rank that raised
+    a Python exception left an ``error.json`` under ``log_dir``, so those ranks are
+    added here. Failures are ordered by time, and at equal times a recorded
+    exception comes before a process that died without one.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failures = dict(reported)
+    for error_file in sorted(Path(log_dir).glob("*/attempt_*/*/error.json")):
+        local_rank = int(error_file.parent.name)
+        if local_rank in failures:
+            continue
+        try:
+            failure = ProcessFailure(
+                local_rank=local_rank, pid=-1, exitcode=1, error_file=str(error_file)
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        failure.recovered = True
+        failures[local_rank] = failure
+
+    def order(item: tuple[int, Any]) -> tuple[int, bool, float]:
+        # Timestamps are whole seconds; within one second the error files'
+        # modification times order the ranks that raised.
+        failure = item[1]
+        try:
+            written = os.stat(str(failure.error_file)).st_mtime
+        except OSError:
+            return (failure.timestamp or 0, True, math.inf)
+        return (failure.timestamp or 0, False, written)
+
+    return sorted(failures.items(), key=order)
 
 
 @contextlib.contextmanager
@@ -803,6 +904,7 @@ def launch(
     ValueError
         If ``nproc_per_node`` is below 1.
     """
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -816,6 +918,7 @@ def launch(
         threads_per_process = max(1, (os.cpu_count() or 1) // nproc_per_node)
 
     port, store = _loopback_store()
+    log_dir = tempfile.mkdtemp(prefix="sslspec-launch-")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -828,6 +931,7 @@ def launch(
         monitor_interval=monitor_interval,
         start_method=start_method,
         local_addr=LOOPBACK_ADDRESS,
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
     defaults = {"OMP_NUM_THREADS": str(threads_per_process)}
     interface = loopback_interface()
@@ -845,9 +949,7 @@ def launch(
         with _environment_defaults(defaults):
             results = elastic_launch(config, function)(*args)
     except ChildFailedError as error:
-        failures = sorted(
-            error.failures.items(), key=lambda item: item[1].timestamp or 0
-        )
+        failures = _all_failures(error.failures, log_dir)
         ranks = [rank for rank, _ in failures]
         lines = [_failure_message(rank, failure) for rank, failure in failures]
         logger.error("distributed run of %s failed: %s", name, "; ".join(lines))
@@ -859,4 +961,5 @@ def launch(
     finally:
         # Dropping the last reference stops the store's server.
         del store
+        shutil.rmtree(log_dir, ignore_errors=True)
     return [results[rank] for rank in range(nproc_per_node)]

@@ -58,6 +58,35 @@ class TorchRandomSource:
         )
 
 
+class _OnlineForward(nn.Module):
+    """The online networks' forward pass of one method, as one module.
+
+    ``DistributedDataParallel`` averages the gradients of the parameters used in
+    calls through its wrapper's ``forward``, so every trainable network of a step
+    runs here: encoder and projector (and BYOL's predictor), or MAE's encoder and
+    decoder. BYOL's target networks have no trainable parameters and run outside.
+    """
+
+    def __init__(self, networks: nn.ModuleDict, prefixes: Sequence[str], method: str):
+        super().__init__()
+        self.online = nn.ModuleDict({prefix: networks[prefix] for prefix in prefixes})
+        self.method = method
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        ids_restore: torch.Tensor | None = None,
+    ) -> Any:
+        if self.method == "mae":
+            latent = self.online["encoder"](inputs, ids_keep)
+            return self.online["decoder"](latent, ids_restore)
+        projections = self.online["projector"](self.online["encoder"](inputs))
+        if self.method == "byol":
+            return projections, self.online["predictor"](projections)
+        return projections
+
+
 class TorchTrainer:
     """One pretraining run of ``config.method`` on one PyTorch device.
 
@@ -76,6 +105,21 @@ class TorchTrainer:
     With ``precision="bf16"`` the networks run under ``torch.autocast`` in
     bfloat16, while the parameters, the optimiser and the losses stay in float32.
 
+    With ``config.nproc_per_node > 1`` the trainer is one rank of a data-parallel
+    run and needs an initialised process group of that many ranks
+    (:func:`sslspec_torch.distributed.init_process_group`). ``device`` is then
+    ``"auto"``, ``"cpu"`` or ``"cuda"``, and a CUDA rank takes the GPU of its local
+    rank. Every rank receives the same global batch in :meth:`train_step` and draws
+    the augmentations and masks of the whole batch from its generator, so the
+    generators of all ranks stay equal to that of a single-process run. It then
+    keeps the rows :func:`~sslspec_torch.distributed.rank_slice` gives it. Batch
+    norms are :class:`~sslspec_torch.distributed.SyncBatchNorm`, the losses get a
+    :class:`~sslspec_torch.distributed.TorchCollective`, and the online networks
+    run through one ``DistributedDataParallel`` module, which averages the
+    gradients over ranks. The loss, the weights and the optimiser state are then
+    those of a single-process step on the whole batch, within float32 rounding,
+    and equal on every rank.
+
     Parameters
     ----------
     config
@@ -92,7 +136,23 @@ class TorchTrainer:
     ) -> None:
         self.config = config
         self.sample_shape = tuple(int(size) for size in sample_shape)
-        self.device = torch.device(device)
+        self.rank = 0
+        self.world_size = 1
+        self.collective: Any = None
+        if config.nproc_per_node > 1:
+            from .distributed import TorchCollective, resolve_rank_device
+
+            self.collective = TorchCollective()
+            if self.collective.world_size != config.nproc_per_node:
+                raise ValueError(
+                    f"config.nproc_per_node is {config.nproc_per_node}, but the "
+                    f"process group has {self.collective.world_size} ranks"
+                )
+            self.rank = self.collective.rank
+            self.world_size = self.collective.world_size
+            self.device = resolve_rank_device(device)
+        else:
+            self.device = torch.device(device)
         self.descriptions = method_networks(
             config.method, self.sample_shape, config.sizes
         )
@@ -113,8 +173,22 @@ class TorchTrainer:
             target = copy.deepcopy(modules[prefix.removeprefix("target_")])
             target.requires_grad_(False)
             modules[prefix] = target
-        self.networks = nn.ModuleDict(modules).to(self.device)
+        self.networks = nn.ModuleDict(modules)
+        if self.world_size > 1:
+            from .distributed import convert_sync_batchnorm
+
+            convert_sync_batchnorm(self.networks)
+        self.networks.to(self.device)
         self.networks.train()
+        forward = _OnlineForward(self.networks, self.online_prefixes, config.method)
+        if self.world_size > 1:
+            from .distributed import current_environment, wrap_ddp
+
+            self.forward: nn.Module = wrap_ddp(
+                forward, current_environment(str(self.device.type))
+            )
+        else:
+            self.forward = forward
 
         parameters = [
             parameter
@@ -162,9 +236,13 @@ class TorchTrainer:
             )
         return tensor
 
-    def _joint_embeddings(self, views: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.networks["projector"](self.networks["encoder"](views))
+    def _local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return this rank's rows of a tensor that covers the global batch."""
+        if self.world_size == 1:
+            return tensor
+        from .distributed import rank_slice
+
+        return tensor[rank_slice(len(tensor), self.rank, self.world_size)]
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         config = self.config
@@ -174,14 +252,20 @@ class TorchTrainer:
         view_a, view_b = two_views(batch, self.random, config.augment)
         # Both views go through the networks as one batch, so batch norm
         # normalises with statistics over both views.
-        views = torch.cat([view_a, view_b])
-        projections = self._joint_embeddings(views)
-        z_a, z_b = projections.float().chunk(2)
-
+        views = torch.cat([self._local(view_a), self._local(view_b)])
+        collective = self.collective
+        with self._autocast():
+            outputs = self.forward(views)
+        if config.method != "byol":
+            z_a, z_b = outputs.float().chunk(2)
         if config.method == "simclr":
-            return sslspec.nt_xent_loss(z_a, z_b, temperature=config.temperature)
+            return sslspec.nt_xent_loss(
+                z_a, z_b, temperature=config.temperature, collective=collective
+            )
         if config.method == "barlow-twins":
-            return sslspec.barlow_twins_loss(z_a, z_b, lambda_param=config.lambda_param)
+            return sslspec.barlow_twins_loss(
+                z_a, z_b, lambda_param=config.lambda_param, collective=collective
+            )
         if config.method == "vicreg":
             return sslspec.vicreg_loss(
                 z_a,
@@ -189,10 +273,10 @@ class TorchTrainer:
                 invariance_weight=config.invariance_weight,
                 variance_weight=config.variance_weight,
                 covariance_weight=config.covariance_weight,
+                collective=collective,
             )
 
-        with self._autocast():
-            predictions = self.networks["predictor"](projections)
+        _, predictions = outputs
         p_a, p_b = predictions.float().chunk(2)
         with torch.no_grad():
             with self._autocast():
@@ -200,21 +284,28 @@ class TorchTrainer:
                     self.networks["target_encoder"](views)
                 )
             t_a, t_b = targets.float().chunk(2)
-        return sslspec.byol_loss(p_a, t_b) + sslspec.byol_loss(p_b, t_a)
+        return sslspec.byol_loss(p_a, t_b, collective=collective) + sslspec.byol_loss(
+            p_b, t_a, collective=collective
+        )
 
     def _mae_loss(self, batch: torch.Tensor) -> torch.Tensor:
         config = self.config
         encoder = self.networks["encoder"]
-        decoder = self.networks["decoder"]
         images = augment_images(batch, self.random, config.augment)
         noise = self.random.uniform((images.shape[0], encoder.description.num_patches))
         mask = sslspec.generate_mask(noise, mask_ratio=config.mask_ratio)
+        images = self._local(images)
         with self._autocast():
-            latent = encoder(images, mask.ids_keep)
-            prediction = decoder(latent, mask.ids_restore)
+            prediction = self.forward(
+                images, self._local(mask.ids_keep), self._local(mask.ids_restore)
+            )
         target = sslspec.patchify(images, encoder.description.patch_size)
         return sslspec.reconstruction_loss(
-            prediction.float(), target, mask.mask, norm_pix_loss=config.norm_pix_loss
+            prediction.float(),
+            target,
+            self._local(mask.mask),
+            norm_pix_loss=config.norm_pix_loss,
+            collective=self.collective,
         )
 
     def _update_targets(self) -> None:
@@ -238,9 +329,11 @@ class TorchTrainer:
     def train_step(self, batch: np.ndarray) -> float:
         """Run one AdamW step on two augmented views of ``batch``; return the loss.
 
-        For BYOL the loss is symmetrised, ``byol_loss(p_a, t_b) + byol_loss(p_b,
-        t_a)``, with the target network's projections ``t`` computed without
-        gradient, and the target networks are updated after the step.
+        In a data-parallel run ``batch`` is the global batch, the same on every
+        rank, and the loss is that of the global batch. For BYOL the loss is
+        symmetrised, ``byol_loss(p_a, t_b) + byol_loss(p_b, t_a)``, with the target
+        network's projections ``t`` computed without gradient, and the target
+        networks are updated after the step.
         """
         if self.config.total_steps < 1:
             raise ValueError(
