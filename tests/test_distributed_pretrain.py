@@ -323,7 +323,10 @@ def test_killed_rank_fails_run_and_resume_matches(
     os.kill(pids[-1], signal.SIGKILL)
     status, output = finish_command(process)
     assert status == 1, output[-4000:]
-    assert re.search(r"rank \d \(local rank \d\) failed with killed by SIGKILL", output)
+    # Torch's agent reports the first dead process that it polls. The other rank
+    # may die of the broken connection (an exception or SIGABRT) before that poll
+    # and be reported instead.
+    assert re.search(r"rank \d \(local rank \d\) (failed with|raised)", output)
     assert "is kept; continue with --resume" in output
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
     assert 1 <= checkpoint.epoch < EPOCHS

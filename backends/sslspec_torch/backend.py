@@ -285,4 +285,5 @@ class TorchBackend:
             run_in_process_group,
             (function, device, tuple(args)),
             nproc_per_node=nproc_per_node,
+            name=getattr(function, "__qualname__", repr(function)),
         )

@@ -865,6 +865,7 @@ def launch(
     monitor_interval: float = 0.1,
     start_method: str = "spawn",
     threads_per_process: int | None = None,
+    name: str | None = None,
 ) -> list[Any]:
     """Run ``function(*args)`` in ``nproc_per_node`` processes on this machine.
 
@@ -891,6 +892,9 @@ def launch(
     threads_per_process : int, optional
         ``OMP_NUM_THREADS`` of each worker, unless already set; by default the
         CPU count divided by ``nproc_per_node``, at least 1.
+    name : str, optional
+        Name of the work in log lines and in :class:`LaunchError`; by default the
+        qualified name of ``function``.
 
     Returns
     -------
@@ -937,7 +941,8 @@ def launch(
     interface = loopback_interface()
     if interface is not None:
         defaults["GLOO_SOCKET_IFNAME"] = interface
-    name = getattr(function, "__qualname__", repr(function))
+    if name is None:
+        name = getattr(function, "__qualname__", repr(function))
     logger.info(
         "starting %d processes running %s, rendezvous at %s:%d",
         nproc_per_node,
