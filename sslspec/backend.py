@@ -220,7 +220,8 @@ def load_backend(name: str) -> Backend:
     if name not in registered:
         known = ", ".join(sorted(registered)) or "none"
         raise BackendUnavailableError(
-            f"backend {name!r} is not installed; installed backends: {known}"
+            f"backend {name!r} is not registered; registered backends: {known} "
+            f"(`sslspec backends` shows which of them can load)"
         )
     entry_point = registered[name]
     try:

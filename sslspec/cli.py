@@ -250,11 +250,13 @@ def _run_pretrain(args: argparse.Namespace, given: set[str]) -> int:
             value = getattr(args, option)
             if value != getattr(saved, option):
                 flag = "--" + option.replace("_", "-")
+                allowed = ", ".join(
+                    "--" + name.replace("_", "-") for name in RESUMABLE_OPTIONS
+                )
                 print(
                     f"error: {flag} {value} differs from the run's saved value "
                     f"{getattr(saved, option)}; a resumed run keeps its settings, "
-                    f"and only {', '.join('--' + o for o in RESUMABLE_OPTIONS)} may "
-                    f"change",
+                    f"and only {allowed} may change",
                     file=sys.stderr,
                 )
                 return 2

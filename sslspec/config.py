@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,8 +106,8 @@ class PretrainConfig:
                 f"batch_size {self.batch_size} must be a multiple of nproc_per_node "
                 f"{nproc}, because every process takes an equal share of each batch"
             )
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -309,6 +309,10 @@ def pretrain(
         if out_dir is not None
         else default_run_dir(config.method, config.backend)
     )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(
+            f"--out {str(run_dir)!r} is a file; give a new or existing folder"
+        )
     if (run_dir / CONFIG_NAME).exists():
         raise FileExistsError(
             f"{str(run_dir)!r} already contains a run; resume it with --resume or "
@@ -318,7 +322,7 @@ def pretrain(
     _write_json(run_dir / CONFIG_NAME, config.to_dict())
 
     logger.info(
-        "training %s on %s with backend %s (%s, %d processes) for %d epochs of %d "
+        "training %s on %s with backend %s (%s, processes: %d) for %d epochs of %d "
         "steps; run folder %s",
         config.method,
         dataset.source,
@@ -613,9 +617,8 @@ def _train(
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss} at epoch {epoch + 1}, step "
-                        f"{state.step + 1}; lower --lr (now {config.lr}) or use "
-                        f"--precision fp32. The checkpoint of epoch {epoch} in "
-                        f"{str(run_dir)!r} is kept"
+                        f"{state.step + 1}; {_nan_hint(config)}. The checkpoint "
+                        f"of epoch {epoch} in {str(run_dir)!r} is kept"
                     )
                 losses.append(loss)
                 state.step += 1
@@ -661,6 +664,14 @@ def _train(
             state.loss_history[-1],
             checkpoint_path,
         )
+
+
+def _nan_hint(config: PretrainConfig) -> str:
+    """Return what to change after a non-finite loss."""
+    hint = f"lower --lr (now {config.lr})"
+    if config.precision != "fp32":
+        hint += f" or use --precision fp32 (now {config.precision})"
+    return hint
 
 
 def _flatten(x: np.ndarray) -> np.ndarray:

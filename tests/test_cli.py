@@ -89,7 +89,9 @@ def test_quiet_run_and_resume(tmp_path, digits_file, capsys):
 
     status = main(["pretrain", "--resume", str(run_dir), "--lr", "0.5", "--quiet"])
     assert status == 2
-    assert "--lr 0.5 differs from the run's saved value" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--lr 0.5 differs from the run's saved value" in error
+    assert "--epochs, --device, --nproc-per-node may change" in error
 
     status = main(["pretrain", "--resume", str(run_dir), "--out", "x", "--quiet"])
     assert status == 2
@@ -145,6 +147,21 @@ def test_invalid_option_values(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--method", "moco"])
     assert "invalid choice: 'moco'" in capsys.readouterr().err
+
+
+def test_out_file_is_an_error(tmp_path, digits_file, capsys):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    status = main(["pretrain", "--data", digits_file, "--out", str(path), "--quiet"])
+    assert status == 1
+    assert f"--out {str(path)!r} is a file" in capsys.readouterr().err
+
+
+def test_infinite_lr_is_an_error(tmp_path, digits_file, capsys):
+    out = str(tmp_path / "run")
+    status = main(["pretrain", "--data", digits_file, "--lr", "inf", "--out", out])
+    assert status == 1
+    assert "lr must be positive and finite, got inf" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):

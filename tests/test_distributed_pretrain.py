@@ -343,6 +343,31 @@ def test_killed_rank_fails_run_and_resume_matches(
     )
 
 
+@pytest.mark.timeout(150)
+def test_ctrl_c_stops_every_rank(tmp_path, small_digits):
+    """SIGINT to the whole session, as Ctrl-C sends it, ends a 2-process run like
+    a 1-process one: exit status 130, the resume hint, a loadable checkpoint."""
+    run_dir = tmp_path / "interrupted"
+    process = start_command(
+        *common_options(small_digits, "simclr"),
+        "--nproc-per-node",
+        "2",
+        "--out",
+        str(run_dir),
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while not (run_dir / CHECKPOINT_NAME).exists():
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    status, output = finish_command(process)
+    assert status == 130, output[-4000:]
+    assert "interrupted; the last completed epoch's checkpoint is kept" in output
+    assert "Traceback" not in output
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME).epoch >= 1
+
+
 @pytest.mark.timeout(120)
 def test_nan_loss_stops_every_rank(tmp_path, small_digits):
     """An absurd learning rate makes the loss NaN on both ranks, which stop

@@ -908,7 +908,10 @@ def launch(
     ValueError
         If ``nproc_per_node`` is below 1.
     """
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import (
+        DefaultLogsSpecs,
+        SignalException,
+    )
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -953,6 +956,18 @@ def launch(
     try:
         with _environment_defaults(defaults):
             results = elastic_launch(config, function)(*args)
+    except SignalException as error:
+        # The agent stops the workers before it raises. Ctrl-C becomes the usual
+        # KeyboardInterrupt, so callers handle it as in one process.
+        signal_name = signal.Signals(error.sigval).name
+        logger.warning("distributed run of %s stopped by %s", name, signal_name)
+        if error.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from error
+        raise LaunchError(
+            f"distributed run of {name} on {nproc_per_node} processes was stopped "
+            f"by {signal_name}",
+            [],
+        ) from error
     except ChildFailedError as error:
         failures = _all_failures(error.failures, log_dir)
         ranks = [rank for rank, _ in failures]
