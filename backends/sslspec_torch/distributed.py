@@ -83,6 +83,9 @@ LOOPBACK_ADDRESS = "127.0.0.1"
 #: How long a collective may wait for the other ranks before it raises.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
+#: Exit status of a rank stopped by SIGINT, as a shell reports it (128 + 2).
+INTERRUPTED_EXIT_CODE = 130
+
 _ENVIRONMENT_VARIABLES = (
     "RANK",
     "WORLD_SIZE",
@@ -426,6 +429,10 @@ def current_environment(device: str = "auto") -> DistributedEnvironment:
     )
 
 
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    os._exit(INTERRUPTED_EXIT_CODE)
+
+
 def run_in_process_group(
     function: Callable[..., Any], device: str, args: Sequence[Any]
 ) -> Any:
@@ -433,7 +440,14 @@ def run_in_process_group(
 
     A module-level function that :func:`launch` can start, so that a caller
     which does not import torch gets ranks that have joined the group.
+
+    On SIGINT the rank exits at once with status 130, skipping Python's exit
+    handlers. Ctrl-C reaches every process of the terminal's process group, and
+    a rank that unwinds a ``KeyboardInterrupt`` through torch's exit handlers
+    prints tracebacks that hide the launcher's message. Checkpoints are written
+    to a temporary file and renamed, so an abrupt exit cannot corrupt one.
     """
+    signal.signal(signal.SIGINT, _exit_interrupted)
     with process_group(device):
         return function(*args)
 
@@ -970,6 +984,13 @@ def launch(
         ) from error
     except ChildFailedError as error:
         failures = _all_failures(error.failures, log_dir)
+        if all(
+            failure.exitcode in (INTERRUPTED_EXIT_CODE, -signal.SIGINT)
+            for _, failure in failures
+        ):
+            # Every rank saw Ctrl-C before the launcher handled its own SIGINT.
+            logger.warning("distributed run of %s stopped by SIGINT", name)
+            raise KeyboardInterrupt from error
         ranks = [rank for rank, _ in failures]
         lines = [_failure_message(rank, failure) for rank, failure in failures]
         logger.error("distributed run of %s failed: %s", name, "; ".join(lines))
