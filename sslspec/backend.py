@@ -84,7 +84,7 @@ class Trainer(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A framework plugin. ``capabilities`` says which optional methods work.
+    """A framework plugin. ``capabilities`` lists which optional methods work.
 
     A backend with the ``distributed`` capability provides collectives for
     data-parallel training, and may also provide a method that ``sslspec pretrain

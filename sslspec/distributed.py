@@ -12,9 +12,9 @@ That factor of ``world_size`` applies where each rank differentiates its own cop
 the loss, as under ``torch.distributed`` and under JAX's ``shard_map`` with
 ``check_vma=False``. Under ``shard_map`` with its default ``check_vma=True``, JAX
 types the loss as replicated over ranks and seeds its gradient once, not
-once per rank: ``jax.grad`` then gives, with respect to the local inputs, the
-gradient of the global loss itself, and with respect to replicated parameters the
-full single-device gradient, already summed over ranks. Averaging that gradient
+once per rank. ``jax.grad`` then gives the gradient of the global loss itself
+with respect to the local inputs. With respect to replicated parameters it gives
+the full single-device gradient, already summed over ranks. Averaging that gradient
 over ranks again would be harmless, but multiplying or summing it would not.
 
 All losses assume that every rank holds the same number of samples, so that the

@@ -531,13 +531,14 @@ def _train_distributed_and_finish(
         )
     except RuntimeError as error:
         checkpoint_path = run_dir / CHECKPOINT_NAME
-        kept = (
-            f"the checkpoint of the last completed epoch, {str(checkpoint_path)!r}, "
-            f"is kept; continue with --resume"
-            if checkpoint_path.exists()
-            else "no epoch was completed"
-        )
-        raise TrainingError(f"{error}; {kept}") from error
+        if checkpoint_path.exists():
+            next_step = (
+                f"the checkpoint of the last completed epoch, "
+                f"{str(checkpoint_path)!r}, is kept; continue with --resume"
+            )
+        else:
+            next_step = "no epoch was completed"
+        raise TrainingError(f"{error}; {next_step}") from error
     state = _RunState(**results[0])
     if state.epoch:
         logger.info(

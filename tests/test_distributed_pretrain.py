@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from process_sessions import session_processes, wait_for_session_exit
 
 pytest.importorskip("torch")
 
@@ -43,7 +44,6 @@ pytestmark = pytest.mark.distributed
 
 # Starting the command and two ranks that import torch takes 10 to 20 s here.
 RUN_TIMEOUT_SECONDS = 150
-SESSION_EXIT_SECONDS = 10
 EPOCHS = 4
 BATCH_SIZE = 64
 STEPS_PER_EPOCH = 6
@@ -73,32 +73,6 @@ STATE_RTOL = {
 CHECK_METHODS = ("simclr", "barlow-twins", "vicreg", "byol", "mae")
 
 
-def session_processes(session_id: int) -> list[str]:
-    """Return ``pid: command`` of every live process in session ``session_id``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[3]) == session_id:
-            found.append(f"{entry.name}: {command.decode(errors='replace')}")
-    return found
-
-
-def wait_for_session_exit(session_id: int) -> list[str]:
-    deadline = time.monotonic() + SESSION_EXIT_SECONDS
-    survivors = session_processes(session_id)
-    while survivors and time.monotonic() < deadline:
-        time.sleep(0.2)
-        survivors = session_processes(session_id)
-    return survivors
-
-
 def start_command(*arguments: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sslspec", "pretrain", *arguments],
@@ -121,6 +95,20 @@ def finish_command(process: subprocess.Popen[str]) -> tuple[int, str]:
     survivors = wait_for_session_exit(process.pid)
     assert survivors == [], f"processes left after the command: {survivors}"
     return process.returncode, output
+
+
+def start_after_first_checkpoint(data: str, run_dir: Path) -> subprocess.Popen[str]:
+    """Start a 2-process SimCLR run into ``run_dir``; return once its first
+    checkpoint exists, with the command still running."""
+    process = start_command(
+        *common_options(data, "simclr"), "--nproc-per-node", "2", "--out", str(run_dir)
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while not (run_dir / CHECKPOINT_NAME).exists():
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return process
 
 
 def run_command(*arguments: str) -> tuple[int, str]:
@@ -196,12 +184,14 @@ def two_process_runs(tmp_path_factory, small_digits):
 @pytest.mark.parametrize("method", ["simclr", "vicreg", "byol", "mae"])
 def test_two_processes_equal_one(tmp_path, small_digits, two_process_runs, method):
     two_dir = two_process_runs(method)
-    two = json.loads((two_dir / "metrics.json").read_text())
-    one = single_process_run(small_digits, method, tmp_path / "one")
-    assert two["nproc_per_node"] == 2
-    assert one["nproc_per_node"] == 1
-    assert two["steps"] == one["steps"] == EPOCHS * STEPS_PER_EPOCH
-    np.testing.assert_allclose(two["loss_history"], one["loss_history"], rtol=LOSS_RTOL)
+    two_metrics = json.loads((two_dir / "metrics.json").read_text())
+    one_metrics = single_process_run(small_digits, method, tmp_path / "one")
+    assert two_metrics["nproc_per_node"] == 2
+    assert one_metrics["nproc_per_node"] == 1
+    assert two_metrics["steps"] == one_metrics["steps"] == EPOCHS * STEPS_PER_EPOCH
+    np.testing.assert_allclose(
+        two_metrics["loss_history"], one_metrics["loss_history"], rtol=LOSS_RTOL
+    )
     inputs = load_dataset(small_digits).x_test
     features_two = encoder_features(two_dir, inputs)
     features_one = encoder_features(tmp_path / "one", inputs)
@@ -306,18 +296,7 @@ def test_killed_rank_fails_run_and_resume_matches(
     killed rank, the checkpoint stays loadable, and ``--resume`` completes the
     run with the loss history of the uninterrupted 2-process run."""
     run_dir = tmp_path / "killed"
-    process = start_command(
-        *common_options(small_digits, "simclr"),
-        "--nproc-per-node",
-        "2",
-        "--out",
-        str(run_dir),
-    )
-    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    while not (run_dir / CHECKPOINT_NAME).exists():
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    process = start_after_first_checkpoint(small_digits, run_dir)
     pids = worker_pids(process.pid)
     assert len(pids) == 2, session_processes(process.pid)
     os.kill(pids[-1], signal.SIGKILL)
@@ -348,18 +327,7 @@ def test_ctrl_c_stops_every_rank(tmp_path, small_digits):
     """SIGINT to the whole session, as Ctrl-C sends it, ends a 2-process run like
     a 1-process one: exit status 130, the resume hint, a loadable checkpoint."""
     run_dir = tmp_path / "interrupted"
-    process = start_command(
-        *common_options(small_digits, "simclr"),
-        "--nproc-per-node",
-        "2",
-        "--out",
-        str(run_dir),
-    )
-    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    while not (run_dir / CHECKPOINT_NAME).exists():
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    process = start_after_first_checkpoint(small_digits, run_dir)
     os.killpg(process.pid, signal.SIGINT)
     status, output = finish_command(process)
     assert status == 130, output[-4000:]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from process_sessions import wait_for_session_exit
 
 torch = pytest.importorskip("torch")
 
@@ -48,7 +49,6 @@ CHECKS_TIMEOUT_SECONDS = 240
 # start of three Python processes that import torch.
 FAILURE_TIMEOUT_SECONDS = 120
 FAILURE_REPORT_SECONDS = 90
-SESSION_EXIT_SECONDS = 10
 
 #: The check that must flag each faulty collective on the loss cases.
 FAULT_CHECKS = {
@@ -56,33 +56,6 @@ FAULT_CHECKS = {
     "wrong_rank": "value",
     "detached_gather": "gradient",
 }
-
-
-def session_processes(session_id: int) -> list[str]:
-    """Return ``pid: command`` of every live process in session ``session_id``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state, ppid, pgrp, session, ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[3]) == session_id:
-            found.append(f"{entry.name}: {command.decode(errors='replace')}")
-    return found
-
-
-def wait_for_session_exit(session_id: int) -> list[str]:
-    deadline = time.monotonic() + SESSION_EXIT_SECONDS
-    survivors = session_processes(session_id)
-    while survivors and time.monotonic() < deadline:
-        time.sleep(0.2)
-        survivors = session_processes(session_id)
-    return survivors
 
 
 def run_workers(*arguments: str, timeout: float) -> tuple[int, str, float, int]:
@@ -233,7 +206,7 @@ def test_failing_rank_stops_launch():
     )
     assert status == 1, output[-4000:]
     # Rank 0 may die of the broken all-reduce as rank 1 exits, and the launcher
-    # may notice rank 0 first; the rank that raised must still come first.
+    # may notice rank 0 first. The rank that raised must still come first.
     assert "failed ranks: [1" in output, output[-4000:]
     assert "rank 1 (local rank 1) " in output
     assert "deliberate failure in a test worker" in output
